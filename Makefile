@@ -1,0 +1,26 @@
+# pocketgpt developer entry points. `make test` is the project's test command.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test lint serve bench
+
+venv: $(STAMP)
+
+# Re-run the installer only when the dependency list or the installer changes.
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+serve: venv
+	$(BIN)/pocketgpt serve
+
+bench: venv
+	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py; \
+	else echo "bench: not yet available (bench/run.py missing)"; exit 2; fi

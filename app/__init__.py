@@ -1,0 +1,1 @@
+"""pocketgpt web service: FastAPI app, CLI entry point and static UI."""

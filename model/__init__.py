@@ -1,0 +1,1 @@
+"""pocketgpt model: GPT network, tokenizer, KV cache, sampling and checkpoints."""

@@ -1,0 +1,180 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) plus an incremental stream decoder.
+
+Every byte 0..255 is in the base vocabulary, so any text encodes with no unknown tokens and
+decodes back exactly. Decoding is done here from a precomputed id -> bytes table instead of
+the library's decoder, so that whole-sequence decoding and streaming decoding are the same
+byte concatenation followed by the same UTF-8 decoding, and cannot disagree.
+
+Note: a literal "<|endoftext|>" in input text is encoded as the special EOT id (the library's
+default for special tokens). Callers that must not allow that should strip it from user text.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = [EOT]  # EOT is first so it gets id 0
+MIN_VOCAB_SIZE = 260  # 256 byte tokens + special tokens + a few merges
+
+TOKENIZER_FILENAME = "tokenizer.json"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's fixed byte -> printable-character table used by byte-level BPE.
+
+    Printable Latin-1 bytes map to themselves; the rest (control chars, space, ...) are
+    shifted to code points 256+ so that every token is a string of visible characters.
+    """
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+BYTE_ENCODER = _bytes_to_unicode()
+BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
+
+
+def _resolve(path: str | Path) -> Path:
+    """A directory means `<dir>/tokenizer.json` (handy for checkpoint directories)."""
+    p = Path(path)
+    return p / TOKENIZER_FILENAME if p.is_dir() else p
+
+
+class Tokenizer:
+    """Thin wrapper over a byte-level BPE `tokenizers.Tokenizer` with exact byte decoding."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        self._hf = hf
+        eot = hf.token_to_id(EOT)
+        if eot is None:
+            raise ValueError(f"tokenizer has no {EOT!r} special token")
+        self.eot_id: int = eot
+        self._table = self._build_byte_table(hf)
+
+    @staticmethod
+    def _build_byte_table(hf: HFTokenizer) -> list[bytes]:
+        # Special tokens are control symbols, not text: they decode to nothing.
+        special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        table: list[bytes] = []
+        for i in range(hf.get_vocab_size(with_added_tokens=True)):
+            token = hf.id_to_token(i)
+            if token is None:
+                raise ValueError(f"tokenizer vocabulary has a gap at id {i}")
+            if i in special:
+                table.append(b"")
+                continue
+            try:
+                table.append(bytes(BYTE_DECODER[c] for c in token))
+            except KeyError as exc:
+                raise ValueError(f"token {i} ({token!r}) is not byte-level BPE") from exc
+        return table
+
+    # -- persistence ---------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load from a tokenizer.json file (or a directory containing one)."""
+        return cls(HFTokenizer.from_file(str(_resolve(path))))
+
+    @classmethod
+    def from_str(cls, json_str: str) -> Tokenizer:
+        """Load from the JSON string produced by `to_str()`."""
+        return cls(HFTokenizer.from_str(json_str))
+
+    def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json to `path` (or into it, if it is a directory); returns the file."""
+        target = _resolve(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._hf.save(str(target))
+        return target
+
+    def to_str(self) -> str:
+        """Serialize to a JSON string (e.g. to embed in a checkpoint)."""
+        return self._hf.to_str()
+
+    # -- encoding / decoding -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (the model's embedding size must cover it)."""
+        return len(self._table)
+
+    def encode(self, text: str) -> list[int]:
+        """Encode text to ids. A literal "<|endoftext|>" becomes `eot_id`."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """Encode many texts at once (parallelised inside the library)."""
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token (b"" for special tokens). Raises ValueError if out of range."""
+        i = int(token_id)
+        # Guard explicitly: a negative id would otherwise silently index from the end.
+        if not 0 <= i < len(self._table):
+            raise ValueError(f"token id {i} out of range [0, {len(self._table)})")
+        return self._table[i]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text; invalid/incomplete UTF-8 becomes U+FFFD, special tokens vanish."""
+        data = b"".join(self.token_bytes(i) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one at a time, get text as soon as it is complete.
+
+    A character whose UTF-8 bytes are split over several tokens is held back until its
+    last byte arrives, so pushed pieces never contain a half character. The concatenation
+    of all `push` results plus `flush()` equals `tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text (possibly "")."""
+        return self._decoder.decode(self._tokenizer.token_bytes(token_id), final=False)
+
+    def flush(self) -> str:
+        """End of stream: return held-back bytes (an incomplete char becomes U+FFFD), then reset."""
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts` with EOT as special token id 0.
+
+    The result may have fewer than `vocab_size` ids if the corpus runs out of merges
+    occurring at least `min_frequency` times.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
+            f"{MIN_VOCAB_SIZE} (256 bytes + special tokens)"
+        )
+    hf = HFTokenizer(models.BPE())
+    # No normalizer: text must round-trip byte for byte. No prefix space for the same reason.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        # Seed all 256 bytes, even ones absent from the corpus, so nothing is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)

@@ -1,0 +1,1 @@
+"""pocketgpt test suite."""
