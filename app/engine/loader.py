@@ -1,0 +1,55 @@
+"""Checkpoint directory -> running Engine, with the device and dtype chosen from settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from app.engine.engine import Engine
+from model.checkpoint import load_checkpoint
+
+if TYPE_CHECKING:
+    from app.metrics import Metrics
+    from app.settings import Settings
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 on CUDA (fast, and as stable as fp32 for inference), fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = None, **engine_kwargs: Any) -> Engine:
+    """Load a checkpoint onto the configured device and start its decode thread.
+
+    Raises model.checkpoint.CheckpointError (its message names the file and the problem) when the directory
+    is missing or damaged. `engine_kwargs` override Engine arguments (tests use `step_delay`).
+    """
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    checkpoint = load_checkpoint(path, device=device, dtype=dtype)
+    kwargs: dict[str, Any] = {
+        "max_running": settings.max_running,
+        "max_queue": settings.max_queue,
+        "prefill_chunk": settings.prefill_chunk,
+        "name": settings.model_name,
+        "metrics": metrics,
+        **engine_kwargs,
+    }
+    return Engine(checkpoint, **kwargs).start()

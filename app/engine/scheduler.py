@@ -1,0 +1,138 @@
+"""Admission, slots and the waiting queue: the engine's bookkeeping, with no tensors in it.
+
+Only `reserve`/`release`/`close` are called from other threads (under a lock); everything else belongs to
+the decode thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.stream import TextStream
+from app.engine.types import EngineClosed, GenRequest, QueueFull, Ticket
+
+
+@dataclass(eq=False)
+class Sequence:
+    """The decode thread's state for one request."""
+
+    ticket: Ticket
+    text: TextStream
+    generator: torch.Generator
+    deadline: float | None
+    slot: int = -1  # -1 while waiting
+    prefilled: int = 0  # prompt tokens already in the cache
+    pos: int = 0  # tokens in the cache once prefill is done
+    generated: int = 0  # tokens sampled so far (an end-of-text token included)
+    next_token: int | None = None  # sampled but not yet fed back through the model
+    submitted: float = 0.0
+
+    @property
+    def request(self) -> GenRequest:
+        return self.ticket.request
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt_ids)
+
+
+@dataclass
+class Scheduler:
+    """Who waits, who holds which KV slot, and which prompt chunks run this step."""
+
+    n_slots: int
+    max_queue: int
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: dict[int, Sequence] = field(default_factory=dict)  # slot -> sequence, in admission order
+
+    def __post_init__(self) -> None:
+        self._free = list(range(self.n_slots))  # a heap: the lowest free slot first keeps batches contiguous
+        self._lock = threading.Lock()
+        self._outstanding = 0  # admitted and not yet finished: waiting (incl. in transit) + running
+        self._open = True
+
+    # -- admission (any thread) ------------------------------------------------------------------
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
+    def reserve(self) -> None:
+        """Count one more request in, or refuse it. Call with `lock` held."""
+        if not self._open:
+            raise EngineClosed("engine is not admitting requests")
+        if self._outstanding >= self.n_slots + self.max_queue:
+            raise QueueFull(f"all {self.n_slots} slots busy and {self.max_queue} requests waiting")
+        self._outstanding += 1
+
+    def close(self) -> None:
+        """Admit nothing more. Call with `lock` held."""
+        self._open = False
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    # -- the decode thread ----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free slots (FIFO); return the newly placed ones."""
+        placed = []
+        while self.waiting and self._free:
+            seq = self.waiting.popleft()
+            seq.slot = heapq.heappop(self._free)
+            self.running[seq.slot] = seq
+            placed.append(seq)
+        return placed
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a finished, cancelled or failed sequence and free its slot at once."""
+        if seq.slot >= 0:
+            del self.running[seq.slot]
+            heapq.heappush(self._free, seq.slot)
+            seq.slot = -1
+        else:
+            self.waiting.remove(seq)
+        with self._lock:
+            self._outstanding -= 1
+
+    def find(self, request_id: str) -> Sequence | None:
+        return next((s for s in self.all() if s.request.id == request_id), None)
+
+    def all(self) -> Iterator[Sequence]:
+        yield from list(self.running.values())
+        yield from list(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def prefill_plan(self, budget: int) -> list[tuple[Sequence, int, int]]:
+        """Prompt chunks (sequence, start, end) for this step, at most `budget` tokens in all.
+
+        Chunks are cut at multiples of `budget` from the prompt start, whatever else is running, so a
+        prompt is always prefilled the same way: batching never changes its numbers. The first chunk of a
+        step is always taken; later ones only if they fit, in admission order (no overtaking).
+        """
+        plan: list[tuple[Sequence, int, int]] = []
+        used = 0
+        for seq in self.running.values():
+            if not seq.prefilling:
+                continue
+            start = seq.prefilled
+            end = min(start + budget, len(seq.request.prompt_ids))
+            if plan and used + (end - start) > budget:
+                break
+            plan.append((seq, start, end))
+            used += end - start
+        return plan
+
+    def decode_rows(self) -> list[Sequence]:
+        """Sequences with a token to feed back, in slot order (contiguous slots read the cache as a view)."""
+        return [s for _, s in sorted(self.running.items()) if s.next_token is not None]

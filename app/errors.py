@@ -1,0 +1,126 @@
+"""One error envelope for every failure: `{"error": {"message", "type", "param", "code"}}`.
+
+Routes raise `APIError`; FastAPI's validation errors and Starlette's HTTP errors (404, 405, 413) are
+rewritten into the same shape, so a client has exactly one error format to parse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# HTTP status -> OpenAI-style error type, for errors raised without an explicit type.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "overloaded_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """An error with an HTTP status that is rendered as the envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ERROR_TYPES.get(status, "server_error")
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The envelope, as a JSON-ready dict."""
+        return envelope(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body past the limit. An HTTPException so FastAPI re-raises it unchanged."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """The first validation problem, naming its field in `param` (e.g. "temperature" or "stop.1")."""
+    errors = exc.errors()
+    if not errors:
+        return APIError(422, "invalid request")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(422, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                        code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(422, f"unknown field {param!r}", param=param, code="unknown_field")
+    if kind == "missing":
+        message = f"field {param!r} is required" if param else "request body is required"
+        return APIError(422, message, param=param, code="missing_field")
+    message = first.get("msg", "invalid value")
+    return APIError(422, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_error(exc).response()
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed for {request.url.path}"
+    error = APIError(exc.status_code, message, code=codes.get(exc.status_code), headers=dict(exc.headers or {}))
+    return error.response()
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    return APIError(500, "internal server error").response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error the app can produce through the envelope."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,196 @@
+"""One generation on the asyncio side: validate against the served model, admit, relay events, time it.
+
+Both HTTP routes and `pocketgpt generate` go through here, so they share the checks, the metrics and the
+result shape. Everything that can refuse a request (no model, too long, queue full) happens in `start`,
+before any response byte is sent, so those errors are real HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from app.engine.engine import Engine
+from app.engine.holder import EngineHolder
+from app.engine.types import DoneEvent, EngineClosed, ErrorEvent, GenRequest, QueueFull, Ticket, TokenEvent
+from app.errors import APIError
+from app.metrics import Metrics
+from model.sampling import SamplingParams
+
+
+def random_seed() -> int:
+    return secrets.randbits(31)
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A validated request, independent of the route that received it."""
+
+    prompt: str
+    max_new_tokens: int
+    params: SamplingParams
+    seed: int
+    stop: tuple[str, ...] = ()
+    max_tokens_param: str = "max_new_tokens"  # the field name to blame when the context overflows
+
+
+@dataclass
+class GenerationResult:
+    id: str
+    model: str
+    text: str
+    finish_reason: str
+    stop_sequence: str | None
+    seed: int
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    total_ms: float
+    tokens_per_s: float
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def timings(self) -> dict[str, float | None]:
+        ttft = None if self.ttft_ms is None else round(self.ttft_ms, 3)
+        return {"ttft_ms": ttft, "total_ms": round(self.total_ms, 3), "tokens_per_s": round(self.tokens_per_s, 3)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The /v1/generate response body (also the `done` event's data)."""
+        return {
+            "id": self.id, "model": self.model, "text": self.text, "finish_reason": self.finish_reason,
+            "stop_sequence": self.stop_sequence, "seed": self.seed, "usage": self.usage(), "timings": self.timings(),
+        }
+
+
+class Generation:
+    """A running request: iterate `tokens()` (or await `collect()`); `result` is set when it finished."""
+
+    def __init__(self, ticket: Ticket, engine: Engine, spec: GenerationSpec, metrics: Metrics | None,
+                 started: float) -> None:
+        self.ticket = ticket
+        self.engine = engine
+        self.spec = spec
+        self.metrics = metrics
+        self.started = started
+        self.id = f"gen-{ticket.id}"
+        self.model = engine.name
+        self.prompt_tokens = len(ticket.request.prompt_ids)
+        self.result: GenerationResult | None = None
+        self.error: APIError | None = None
+        self._parts: list[str] = []
+        self._first: float | None = None
+        self._last: float | None = None
+        self._done = False
+
+    @classmethod
+    def start(cls, holder: EngineHolder, spec: GenerationSpec, *, timeout: float | None = None,
+              metrics: Metrics | None = None, retry_after: int = 1) -> Generation:
+        """Tokenize for the current model, check the context length and admit; raises APIError.
+
+        429 (queue full) carries `Retry-After: retry_after`; 503 means no model is loaded.
+        """
+        started = time.perf_counter()
+        for _ in range(5):  # a swap can close an engine between reading `current` and submitting to it
+            engine = holder.current
+            if engine is None:
+                raise APIError(503, "the model is not loaded yet", code="model_not_ready")
+            ids = engine.tokenizer.encode(spec.prompt)
+            n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
+            if n + m > limit:
+                raise APIError(
+                    422, f"prompt is {n} tokens and {spec.max_tokens_param} is {m}: {n + m} tokens exceed the "
+                    f"model's context length of {limit}", param="prompt" if n >= limit else spec.max_tokens_param,
+                    code="context_length_exceeded")
+            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout)
+            try:
+                ticket = engine.submit(request)
+            except EngineClosed:
+                continue
+            except QueueFull as exc:
+                if metrics is not None:
+                    metrics.rejected.labels(reason="queue_full").inc()
+                raise APIError(429, f"server busy: {exc}; retry shortly", code="queue_full",
+                               headers={"Retry-After": str(retry_after)}) from exc
+            if metrics is not None:
+                metrics.prompt_tokens.inc(n)
+            return cls(ticket, engine, spec, metrics, started)
+        raise APIError(503, "the model is being swapped; retry shortly", code="model_swapping",
+                       headers={"Retry-After": str(retry_after)})
+
+    async def tokens(self) -> AsyncIterator[TokenEvent]:
+        """Token events as the engine samples them; raises APIError if the engine fails the request.
+
+        Leaving the loop early (client gone, task cancelled) cancels the request in the engine.
+        """
+        try:
+            while not self._done:
+                event = await self.ticket.queue.get()
+                if isinstance(event, TokenEvent):
+                    self._on_token(event)
+                    yield event
+                elif isinstance(event, DoneEvent):
+                    self._on_done(event)
+                elif isinstance(event, ErrorEvent):
+                    self._done = True
+                    self.error = APIError(event.status, event.message, code=event.code)
+                    raise self.error
+        finally:
+            if not self._done:
+                self.cancel()
+
+    async def collect(self) -> GenerationResult:
+        """Run to the end and return the result."""
+        async for _ in self.tokens():
+            pass
+        assert self.result is not None
+        return self.result
+
+    def cancel(self) -> None:
+        """Drop the request from the engine (idempotent)."""
+        if not self._done:
+            self._done = True
+            self.ticket.cancel()
+
+    def _on_token(self, event: TokenEvent) -> None:
+        self._parts.append(event.text)
+        if self.metrics is not None:
+            self.metrics.generated_tokens.inc()
+            if self._last is None:
+                self.metrics.ttft.observe(event.t - self.started)
+            else:
+                self.metrics.itl.observe(event.t - self._last)
+        if self._first is None:
+            self._first = event.t
+        self._last = event.t
+
+    def _on_done(self, event: DoneEvent) -> None:
+        self._done = True
+        total = max(event.t - self.started, 1e-9)
+        self.result = GenerationResult(
+            id=self.id, model=self.model, text="".join(self._parts), finish_reason=event.finish_reason,
+            stop_sequence=event.stop_sequence, seed=self.spec.seed, prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            ttft_ms=None if self._first is None else (self._first - self.started) * 1000,
+            total_ms=total * 1000, tokens_per_s=event.completion_tokens / total,
+        )
+
+
+async def wait_or_cancel(generation: Generation, disconnected: asyncio.Future[Any]) -> GenerationResult | None:
+    """Collect the result, or cancel the generation and return None when `disconnected` resolves first."""
+    collect = asyncio.ensure_future(generation.collect())
+    done, _ = await asyncio.wait({collect, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    if collect in done:
+        disconnected.cancel()
+        return collect.result()
+    collect.cancel()
+    generation.cancel()
+    return None

@@ -1,0 +1,145 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and break streaming and disconnects).
+
+- BodyLimitMiddleware: 413 for a body over the limit, by Content-Length up front and by counting the bytes
+  that actually arrive (a chunked body has no Content-Length).
+- AccessMiddleware: a request id (X-Request-ID in and out), request metrics, one access-log line per request,
+  and the 500 envelope for anything unhandled.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import APIError, BodyTooLarge
+from app.metrics import Metrics
+
+access_log = logging.getLogger("pocketgpt.access")
+error_log = logging.getLogger("pocketgpt.error")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+class BodyLimitMiddleware:
+    """`max_body_bytes` for every path, except path prefixes given their own limit in `prefix_limits`
+    (None there: the route streams its body and enforces its own limit, e.g. dataset uploads)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, prefix_limits: dict[str, int | None] | None = None) -> None:
+        self.app = app
+        self.default = max_body_bytes
+        self.prefix_limits = prefix_limits or {}
+
+    def _limit_for(self, path: str) -> int | None:
+        for prefix, limit in self.prefix_limits.items():
+            if path.startswith(prefix):
+                return limit
+        return self.default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self._limit_for(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        await self._limited(scope, receive, send, limit)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await APIError(400, "invalid Content-Length header", code="invalid_header").response()(
+                    scope, receive, send)
+                return
+            if int(declared) > limit:
+                await self._too_large(scope, receive, send, limit)
+                return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except BodyTooLarge:
+            # Normally the app's HTTPException handler answers; this covers a body read outside a route.
+            if started:
+                raise
+            await self._too_large(scope, receive, send, limit)
+
+    @staticmethod
+    async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        await error.response()(scope, receive, send)
+
+
+class AccessMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status: int | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            error_log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if status is not None:
+                raise  # the response has begun: nothing valid can be sent any more
+            await APIError(500, "internal server error").response()(scope, receive, send_with_id)
+        finally:
+            self._record(scope, state, status or 500, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, state: dict, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        # The route template, not the raw path, keeps the label set small (404s share one label).
+        label = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(route=label, method=scope["method"], status=str(status)).inc()
+        self.metrics.request_duration.labels(route=label).observe(seconds)
+        fields = [f'rid={state.get("request_id")}', f'"{scope["method"]} {scope["path"]}"', str(status),
+                  f"{seconds * 1000:.1f}ms"]
+        generation = state.get("generation")
+        if generation is not None:
+            result = generation.result
+            if result is not None:
+                fields += [f"prompt_tokens={result.prompt_tokens}", f"completion_tokens={result.completion_tokens}",
+                           f"ttft_ms={result.ttft_ms or 0:.1f}", f"tokens_per_s={result.tokens_per_s:.1f}",
+                           f"finish={result.finish_reason}"]
+            else:
+                fields += [f"prompt_tokens={generation.prompt_tokens}",
+                           f"finish={'error' if generation.error else 'cancelled'}"]
+        client = scope.get("client")
+        if client:
+            fields.insert(1, f"client={client[0]}")
+        access_log.info(" ".join(fields))

@@ -1,0 +1,1 @@
+"""HTTP routes: generate (native API), openai (compatible API), health (operations)."""

@@ -1,0 +1,53 @@
+"""POST /v1/generate: one JSON body, or server-sent events with `stream: true`.
+
+SSE events:
+    event: token   data: {"index": 0, "id": 123, "text": "Hel"}     one per sampled token (text may be "")
+    event: done    data: the same object as the non-stream response
+    event: error   data: {"error": {...}}                          if the request fails after the stream began
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.auth import require_api_key
+from app.context import AppContext, get_ctx, watch_disconnect
+from app.errors import APIError
+from app.generation import Generation, wait_or_cancel
+from app.schemas import GenerateRequest
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for token in generation.tokens():
+            yield ServerSentEvent(_dumps({"index": token.index, "id": token.id, "text": token.text}), event="token")
+        assert generation.result is not None
+        yield ServerSentEvent(_dumps(generation.result.to_dict()), event="done")
+    except APIError as exc:
+        yield ServerSentEvent(_dumps(exc.body()), event="error")
+
+
+@router.post("/v1/generate")
+async def generate(body: GenerateRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
+    """Continue `prompt`. Validation, readiness and admission all happen before the first byte is sent."""
+    spec = body.to_spec(ctx.settings)
+    generation = Generation.start(ctx.holder, spec, timeout=ctx.settings.request_timeout, metrics=ctx.metrics,
+                                  retry_after=ctx.settings.retry_after)
+    request.state.generation = generation  # the access log reads tokens and timings from here
+    if body.stream:
+        return EventSourceResponse(_events(generation), ping=ctx.settings.sse_ping)
+    result = await wait_or_cancel(generation, watch_disconnect(request))
+    if result is None:
+        return Response(status_code=499)  # client closed the request; nobody reads this
+    return JSONResponse(result.to_dict())

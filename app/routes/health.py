@@ -1,0 +1,45 @@
+"""Operations: liveness, readiness, model info and Prometheus metrics. Only /info needs an API key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+
+from app.auth import require_api_key
+from app.context import AppContext, get_ctx
+from app.errors import APIError
+from app.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(ctx: AppContext = Depends(get_ctx)) -> Response:
+    """200 once a model is loaded and its engine thread is alive; 503 before."""
+    engine = ctx.holder.current
+    if engine is None or not engine.alive:
+        return APIError(503, "the model is not loaded yet", code="model_not_ready").response()
+    return JSONResponse({"status": "ready", "model": engine.name})
+
+
+@router.get("/info", dependencies=[Depends(require_api_key)])
+async def info(ctx: AppContext = Depends(get_ctx)) -> dict[str, Any]:
+    """Model, checkpoint path, config, context length, device, dtype and the server's limits."""
+    engine = ctx.holder.current
+    if engine is None:
+        raise APIError(503, "the model is not loaded yet", code="model_not_ready")
+    return {**engine.info(), "limits": ctx.settings.limits()}
+
+
+@router.get("/metrics")
+async def metrics(ctx: AppContext = Depends(get_ctx)) -> Response:
+    """Prometheus exposition format."""
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,132 @@
+"""`pocketgpt serve` (the HTTP server) and `pocketgpt generate` (one prompt, streamed to the terminal).
+
+`app.cli` imports this module lazily, so `pocketgpt train` never pays for the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+
+def _settings(overrides: dict[str, Any], command: str) -> Settings | None:
+    """Settings from the environment with CLI flags on top, or None after printing why not."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"pocketgpt {command}: invalid settings: {problems}", file=sys.stderr)
+        return None
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="checkpoint directory (env POCKETGPT_CHECKPOINT)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (env POCKETGPT_DEVICE)")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16, float16 (env POCKETGPT_DTYPE)")
+
+
+def serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pocketgpt serve", description="Serve a checkpoint over HTTP. "
+                                     "Every POCKETGPT_* variable is read; flags override them.")
+    _model_flags(parser)
+    parser.add_argument("--host", help="bind address (env POCKETGPT_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (env POCKETGPT_PORT, default 8000)")
+    parser.add_argument("--max-running", type=int, help="KV-cache slots (env POCKETGPT_MAX_RUNNING)")
+    parser.add_argument("--max-queue", type=int, help="waiting requests before 429 (env POCKETGPT_MAX_QUEUE)")
+    parser.add_argument("--log-level", help="debug, info, warning (env POCKETGPT_LOG_LEVEL)")
+    args = parser.parse_args(argv)
+    settings = _settings(vars(args), "serve")
+    if settings is None:
+        return 2
+
+    import uvicorn
+
+    from app.main import create_app
+
+    # Our access log replaces uvicorn's (it has the request id, tokens and timings).
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    return 0
+
+
+def generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pocketgpt generate",
+                                     description="Stream one completion to the terminal (in-process engine).")
+    _model_flags(parser)
+    parser.add_argument("prompt", help="the prompt; '-' reads it from stdin")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable, up to 4)")
+    parser.add_argument("--seed", type=int, help="random when absent (printed at the end)")
+    args = parser.parse_args(argv)
+    settings = _settings({"checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
+                          "max_running": 1, "max_queue": 0}, "generate")
+    if settings is None:
+        return 2
+    if settings.checkpoint is None:
+        print("pocketgpt generate: no checkpoint: pass --checkpoint DIR or set POCKETGPT_CHECKPOINT",
+              file=sys.stderr)
+        return 2
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return asyncio.run(_generate(settings, prompt, args))
+
+
+async def _generate(settings: Settings, prompt: str, args: argparse.Namespace) -> int:
+    from app.engine.holder import EngineHolder
+    from app.engine.loader import load_engine
+    from app.errors import APIError
+    from app.generation import Generation
+    from app.schemas import GenerateRequest
+    from model.checkpoint import CheckpointError
+
+    try:
+        request = GenerateRequest(
+            prompt=prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"pocketgpt generate: {problems}", file=sys.stderr)
+        return 2
+    holder = EngineHolder(lambda path: load_engine(path, settings))
+    try:
+        await holder.load(settings.checkpoint)  # type: ignore[arg-type]
+    except CheckpointError as exc:
+        print(f"pocketgpt generate: cannot load checkpoint {settings.checkpoint}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        generation = Generation.start(holder, request.to_spec(settings))
+        async for token in generation.tokens():
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+        result = generation.result
+        assert result is not None
+        sys.stdout.write("\n")
+        print(f"[{result.completion_tokens} tokens, {result.finish_reason}, seed {result.seed}, "
+              f"{result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        return 0
+    except APIError as exc:
+        print(f"\npocketgpt generate: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await holder.close()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point from app.cli: argv[0] is `serve` or `generate`."""
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve(rest)
+    if command == "generate":
+        return generate(rest)
+    print(f"pocketgpt: unknown serving command {command!r}", file=sys.stderr)
+    return 2

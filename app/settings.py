@@ -1,0 +1,92 @@
+"""Server settings: one pydantic-settings object, read from `POCKETGPT_*` environment variables.
+
+CLI flags (`pocketgpt serve --port ...`) are passed as init arguments, which take priority over the
+environment. Nothing here is read at import time: `Settings()` reads the environment when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+class Settings(BaseSettings):
+    """Everything the inference server can be configured with (env prefix `POCKETGPT_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="POCKETGPT_", extra="ignore")
+
+    # -- model ---------------------------------------------------------------------------------
+    checkpoint: Path | None = Field(None, description="checkpoint directory to serve")
+    model_name: str | None = Field(None, description="name reported as `model`; default: checkpoint dir name")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
+    dtype: str = Field("auto", description="auto (bf16 on cuda, fp32 elsewhere), float32, bfloat16, float16")
+
+    # -- network -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # -- engine and limits ---------------------------------------------------------------------
+    max_running: int = Field(16, ge=1, description="KV-cache slots: requests decoded together")
+    max_queue: int = Field(64, ge=0, description="requests waiting for a slot before 429")
+    max_new_tokens: int = Field(1024, ge=1, description="upper bound for a request's max_new_tokens")
+    max_prompt_chars: int = Field(32_000, ge=1, description="upper bound for a prompt's length in characters")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit (413 beyond)")
+    request_timeout: float = Field(300.0, gt=0, description="seconds from admission to the last token")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
+    sse_ping: float = Field(15.0, ge=0, description="seconds between SSE keep-alive comments (0: off)")
+
+    # -- auth ----------------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys for /v1 and /info; empty: open"
+    )
+    admin_token: SecretStr | None = Field(None, description="bearer token for the admin API")
+
+    # -- admin API (declared here so every part of the app reads one object) ------------------
+    data_dir: Path = Field(Path("data"), description="datasets for training jobs")
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="where training jobs write checkpoints")
+    db: Path = Field(Path("pocketgpt.db"), description="SQLite file for the job store")
+    max_upload_bytes: int = Field(200_000_000, ge=1, description="dataset upload limit (the admin route "
+                                  "enforces it; max_body_bytes does not apply under /admin/datasets)")
+
+    log_level: str = Field("info", description="level of the pocketgpt loggers")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        # The environment gives one string; a comma-separated list is easier to write than JSON.
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value.split(":")[0] not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES} (cuda:N allowed), got {value!r}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {value!r}")
+        return value
+
+    def limits(self) -> dict[str, Any]:
+        """The request limits, as reported by GET /info."""
+        return {
+            "max_running": self.max_running,
+            "max_queue": self.max_queue,
+            "max_new_tokens": self.max_new_tokens,
+            "max_prompt_chars": self.max_prompt_chars,
+            "max_body_bytes": self.max_body_bytes,
+            "request_timeout": self.request_timeout,
+            "prefill_chunk": self.prefill_chunk,
+        }
