@@ -1,0 +1,137 @@
+"""Build what a training run needs from its config: device, data, model, optimizer, sampler, resumed state.
+
+Three ways to start: from scratch (preset + overrides, a tokenizer trained on the data), `init_from` a
+checkpoint (its weights, tokenizer and model config; a fresh optimizer at step 0), or `resume` RUN_DIR/last
+(weights, optimizer, step, RNG and sampler state as they were, so the loss curve continues exactly).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_train_state
+from model.config import ModelConfig, preset
+from model.gpt import GPT
+from model.tokenizer import Tokenizer
+from training.config import TrainConfig
+from training.data import PreparedData, load_prepared, prepare_data
+from training.distributed import DistContext, main_then_others, pick_device, wrap_model
+from training.errors import UserError
+from training.optim import make_optimizer
+from training.sampler import WindowSampler
+from training.state import restore_rng
+
+
+@dataclass
+class Run:
+    device: torch.device
+    data: PreparedData
+    model: GPT  # the plain module: evaluation, generation and checkpoints use it
+    train_model: nn.Module  # what the training step calls: `model`, wrapped in DDP and/or compiled
+    optimizer: torch.optim.AdamW
+    sampler: WindowSampler
+    preset: str = "custom"  # the preset the model was built from, for the metrics' start record
+    start_step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.data.tokenizer
+
+
+def _load(path: Path, what: str) -> Checkpoint:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise UserError(f"cannot {what}: {e}") from None
+
+
+def _model_config(cfg: TrainConfig, ckpt: Checkpoint | None, tokenizer: Tokenizer) -> ModelConfig:
+    overrides = cfg.model_overrides()
+    try:
+        if ckpt is not None:
+            # The weights fix the shape; only dropout may change when continuing from a checkpoint.
+            changed = {k: v for k, v in overrides.items() if k != "dropout" and getattr(ckpt.config, k) != v}
+            if changed:
+                raise UserError(f"the model shape comes from the checkpoint {ckpt.path}; cannot change {changed}")
+            return ckpt.config.with_overrides(dropout=overrides.get("dropout"))
+        vocab = overrides.pop("vocab_size", tokenizer.vocab_size)
+        if vocab < tokenizer.vocab_size:
+            raise UserError(f"vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
+        return preset(cfg.preset, vocab_size=vocab, **overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _preset_name(cfg: TrainConfig, ckpt: Checkpoint | None) -> str:
+    if ckpt is None or cfg.resume:  # a resumed run's config is the one it was started with
+        return cfg.preset
+    return str((ckpt.meta.get("config") or {}).get("preset", "custom"))
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) -> Run:
+    """Everything the training loop needs; raises UserError for bad paths, data or settings."""
+    device = pick_device(cfg.device, ctx)
+    source = Path(cfg.resume) / "last" if cfg.resume else Path(cfg.init_from) if cfg.init_from else None
+    ckpt = _load(source, "resume" if cfg.resume else "initialise from checkpoint") if source else None
+
+    def prepare() -> PreparedData:
+        return prepare_data(
+            cfg.data, cfg.prepared_dir, tokenizer_vocab=cfg.tokenizer_vocab, val_fraction=cfg.val_fraction,
+            tokenizer=ckpt.tokenizer if ckpt else None, log=log,
+        )
+
+    data = main_then_others(ctx, device, prepare, lambda: load_prepared(cfg.prepared_dir))
+    mcfg = _model_config(cfg, ckpt, data.tokenizer)
+    data.check_context(mcfg.block_size)
+    if cfg.batch_size % ctx.world_size:
+        raise UserError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes")
+
+    _seed_everything(cfg.seed)
+    model = GPT(mcfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model.state_dict())
+    model.to(device).train()
+    run = Run(
+        device=device, data=data, model=model, train_model=model,
+        optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, device.type),
+        sampler=WindowSampler(data.train, mcfg.block_size, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size),
+    )
+    run.preset = _preset_name(cfg, ckpt)
+    if cfg.resume:
+        _restore(run, source)
+    if ctx.rank > 0:
+        # Dropout masks must differ between ranks; rank 0 keeps the stream a single process would have.
+        torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank + run.start_step)
+    run.train_model = wrap_model(model, ctx, device)
+    if cfg.compile:
+        run.train_model = torch.compile(run.train_model)
+    return run
+
+
+def _restore(run: Run, source: Path) -> None:
+    try:
+        state = load_train_state(source)
+    except CheckpointError as e:
+        raise UserError(f"cannot resume: {e}") from None
+    if state is None:
+        raise UserError(f"cannot resume: {source} has no training state (it is a `best` or exported checkpoint)")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.sampler.load_state_dict(state["sampler"])
+    restore_rng(state["rng"])
+    run.start_step, run.tokens_seen = state["step"], state["tokens_seen"]
+    run.best_val_loss = state["best_val_loss"]

@@ -1,0 +1,18 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to min_lr at max_steps."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate for the optimizer step with 0-based index `step`.
+
+    A pure function of the step, so resuming needs only the step count to restore the schedule.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,264 @@
+"""The training loop: steps, logging, evaluation, checkpoints, and the reasons to stop.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` windows (shared out over the processes).
+Every `eval_every` steps: validation loss, perplexity, bits per byte and a greedy sample, then RUN_DIR/best (on
+a new best validation loss) and RUN_DIR/last, the latter with the state to resume from. The run stops at
+`max_steps`, after `max_time` seconds (counted from the start of `run`, data preparation included), when the
+validation loss reaches `target_loss`, or on `request_stop()` (SIGTERM/SIGINT): the current step finishes,
+`last` is saved and the run ends "cancelled".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.generate import generate
+from model.sampling import SamplingParams
+from training.config import TrainConfig
+from training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
+from training.metrics import METRICS_FILENAME, MetricsWriter
+from training.progress import Progress
+from training.run import Run, build_run
+from training.sampler import eval_windows, windows_at
+from training.schedule import lr_at
+from training.state import capture_rng
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    ppl: float
+    bpb: float
+    sample: str
+
+
+@dataclass
+class RunResult:
+    status: str  # "succeeded" | "cancelled"
+    reason: str  # "max_steps" | "max_time" | "target_loss" | "signal"
+    step: int
+    best_val_loss: float | None
+    best_path: str | None
+    last_path: str | None
+
+
+class Trainer:
+    """Runs one training job described by a TrainConfig; rank 0 writes metrics, logs and checkpoints."""
+
+    def __init__(
+        self, cfg: TrainConfig, ctx: DistContext | None = None,
+        metrics: MetricsWriter | None = None, progress: Progress | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or DistContext()
+        main = self.ctx.is_main
+        self.metrics = metrics or MetricsWriter(Path(cfg.out) / METRICS_FILENAME if main else None)
+        self.progress = progress or Progress(enabled=main)
+        self.stop_signal: int | None = None
+        self._stop = False
+
+    def request_stop(self, signum: int | None = None) -> None:
+        """Stop after the current step (safe to call from a signal handler)."""
+        self.stop_signal, self._stop = signum, True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.run_state.model.config.block_size
+
+    def run(self) -> RunResult:
+        """Train until a stop condition; returns how it ended."""
+        self.t_start = time.monotonic()
+        self.run_state: Run = build_run(self.cfg, self.ctx, self.progress.info)
+        try:
+            return self._loop()
+        finally:
+            self.progress.close()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> RunResult:
+        cfg, r = self.cfg, self.run_state
+        self._announce()
+        step = r.start_step
+        self.last_eval: tuple[int, EvalResult] | None = None
+        self.saved_step: int | None = r.start_step if cfg.resume else None
+        self.train_loss: float | None = None
+        t_loop, last_log = time.monotonic(), (time.monotonic(), step)
+        self.progress.begin(cfg.max_steps, step)
+        target_hit, reason = False, None
+        while reason is None:
+            time_up = cfg.max_time is not None and time.monotonic() - self.t_start >= cfg.max_time
+            stop, time_up, target_hit = any_true([self._stop, time_up, target_hit], self.ctx, r.device)
+            reason = (
+                "max_steps" if step >= cfg.max_steps else "target_loss" if target_hit
+                else "signal" if stop else "max_time" if time_up else None
+            )
+            if reason:
+                break
+            loss = self._train_step(step)
+            step += 1
+            r.tokens_seen += self.tokens_per_step
+            self.progress.step()
+            # The first step is logged too, so that a slow CPU shows progress (and a loss) within seconds.
+            if step % cfg.log_every == 0 or step == r.start_step + 1:
+                last_log = self._log(step, loss, last_log, t_loop)
+            if step % cfg.eval_every == 0 and self.ctx.is_main:
+                target_hit = self._evaluate_and_save(step, loss)
+        return self._finish(step, reason)
+
+    def _train_step(self, step: int) -> torch.Tensor:
+        cfg, r = self.cfg, self.run_state
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        for group in r.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=r.device)
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(r.device, non_blocking=True) for t in r.sampler.next_batch())
+            with grad_sync(r.train_model, sync=micro == cfg.grad_accum - 1):
+                with self._autocast():
+                    _, loss = r.train_model(x, y)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
+        r.optimizer.step()
+        r.optimizer.zero_grad(set_to_none=True)
+        return total / cfg.grad_accum
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.run_state.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # fp32 on CPU: exact, and bf16 matmuls are slow there
+
+    def _log(self, step: int, loss: torch.Tensor, last: tuple[float, int], t_loop: float) -> tuple[float, int]:
+        cfg = self.cfg
+        self.train_loss = float(mean_over_ranks(loss, self.ctx).item())
+        if not math.isfinite(self.train_loss):
+            raise RuntimeError(f"training diverged: the loss is {self.train_loss} at step {step}; lower --lr")
+        now = time.monotonic()
+        tokens_per_s = (step - last[1]) * self.tokens_per_step / max(now - last[0], 1e-9)
+        eta = (cfg.max_steps - step) * (now - t_loop) / max(step - self.run_state.start_step, 1)
+        if cfg.max_time is not None:
+            eta = min(eta, max(0.0, cfg.max_time - (now - self.t_start)))
+        lr = self.run_state.optimizer.param_groups[0]["lr"]
+        self.metrics.write(
+            "train", step=step, total_steps=cfg.max_steps, loss=self.train_loss, lr=lr,
+            tokens_per_s=tokens_per_s, elapsed_s=now - self.t_start, eta_s=eta,
+            tokens_seen=self.run_state.tokens_seen,
+        )
+        self.progress.report(step, cfg.max_steps, self.train_loss, lr, tokens_per_s, eta)
+        return now, step
+
+    def _finish(self, step: int, reason: str) -> RunResult:
+        cfg, r = self.cfg, self.run_state
+        if self.ctx.is_main:
+            # A cancel should exit promptly, so it skips the final evaluation; other endings evaluate.
+            if reason != "signal" and (self.last_eval is None or self.last_eval[0] != step):
+                self._evaluate_and_save(step, None)
+            if self.saved_step != step:
+                self._save("last", step, self.last_eval[1] if self.last_eval else None)
+        best = Path(cfg.out) / "best"
+        result = RunResult(
+            status="cancelled" if reason == "signal" else "succeeded", reason=reason, step=step,
+            best_val_loss=r.best_val_loss, best_path=str(best) if best.exists() else None,
+            last_path=str(Path(cfg.out) / "last"),
+        )
+        self.metrics.write(
+            "end", status=result.status, step=step, reason=reason, best_val_loss=result.best_val_loss,
+            best_path=result.best_path, last_path=result.last_path,
+        )
+        self.progress.info(f"{result.status} at step {step} ({reason}); best val loss {result.best_val_loss}")
+        return result
+
+    def _announce(self) -> None:
+        cfg, r = self.cfg, self.run_state
+        m = r.model.config
+        self.progress.info(
+            f"model: {r.model.num_params():,} parameters ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+            f"context {m.block_size}, vocab {m.vocab_size}) on {r.device}"
+            f"{f' x {self.ctx.world_size} processes' if self.ctx.enabled else ''}\n"
+            f"tokens per step: {self.tokens_per_step:,} ({cfg.batch_size} x {cfg.grad_accum} x {m.block_size})"
+            f"{f'; resuming from step {r.start_step}' if cfg.resume else ''}"
+        )
+        self.metrics.start(
+            total_steps=cfg.max_steps, params=r.model.num_params(), tokens_per_step=self.tokens_per_step,
+            resumed_from_step=r.start_step if cfg.resume else None, preset=r.preset, run_dir=str(cfg.out),
+        )
+
+    # -- evaluation and checkpoints (rank 0) ---------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        """Mean loss over fixed, evenly spread validation windows; bits per byte from the split's counts."""
+        r, cfg = self.run_state, self.cfg
+        model, T = r.model, r.model.config.block_size
+        model.eval()
+        starts = eval_windows(r.data.val, T, cfg.eval_batches * cfg.batch_size)
+        total = 0.0
+        for i in range(0, len(starts), cfg.batch_size):
+            x, y = windows_at(r.data.val, starts[i : i + cfg.batch_size], T)
+            with self._autocast():
+                _, loss = model(x.to(r.device), y.to(r.device))
+            total += float(loss) * len(x)
+        loss = total / len(starts)
+        sample = self._sample()
+        model.train()
+        bpb = loss / (math.log(2) * r.data.val_bytes_per_token)
+        return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, sample=sample)
+
+    def _sample(self) -> str:
+        r = self.run_state
+        T = r.model.config.block_size
+        prompt = [int(t) for t in r.data.val[: min(16, T // 2)]]
+        n_new = min(self.cfg.sample_tokens, T - len(prompt))
+        if n_new <= 0 or not prompt:
+            return ""
+        out = generate(r.model, prompt, n_new, params=SamplingParams(temperature=0.0))
+        return r.tokenizer.decode(prompt + out)
+
+    def _evaluate_and_save(self, step: int, loss: torch.Tensor | None) -> bool:
+        """Evaluate, save best (if it is) and last; returns whether the target loss is reached."""
+        r = self.run_state
+        if loss is not None:
+            self.train_loss = float(loss.item())
+        ev = self.evaluate()
+        self.last_eval = (step, ev)
+        is_best = r.best_val_loss is None or ev.loss < r.best_val_loss
+        if is_best:
+            r.best_val_loss = ev.loss
+        self.metrics.write(
+            "eval", step=step, val_loss=ev.loss, val_ppl=ev.ppl, val_bpb=ev.bpb, sample=ev.sample, best=is_best
+        )
+        self.progress.info(f"step {step}: val loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.bpb:.3f} bits/byte"
+                           f"{' (best)' if is_best else ''}\n  sample: {ev.sample[:200]!r}")
+        if is_best:
+            self._save("best", step, ev)
+        self._save("last", step, ev)
+        return self.cfg.target_loss is not None and ev.loss <= self.cfg.target_loss
+
+    def _save(self, kind: str, step: int, ev: EvalResult | None) -> None:
+        r, cfg = self.run_state, self.cfg
+        path = Path(cfg.out) / kind
+        meta: dict[str, Any] = {
+            "kind": kind, "step": step, "tokens_seen": r.tokens_seen, "train_loss": self.train_loss,
+            "val_loss": ev.loss if ev else None, "val_bpb": ev.bpb if ev else None,
+            "config": cfg.model_dump(), "data_fingerprint": r.data.meta["fingerprint"],
+        }
+        save_checkpoint(path, r.model, r.tokenizer, meta, self._train_state(step) if kind == "last" else None)
+        if kind == "last":
+            self.saved_step = step
+        self.metrics.write("checkpoint", step=step, path=str(path), kind=kind)
+
+    def _train_state(self, step: int) -> dict[str, Any]:
+        r = self.run_state
+        return {
+            "step": step, "tokens_seen": r.tokens_seen, "best_val_loss": r.best_val_loss,
+            "optimizer": r.optimizer.state_dict(), "sampler": r.sampler.state_dict(), "rng": capture_rng(),
+            "world_size": self.ctx.world_size,
+        }
