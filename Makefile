@@ -18,8 +18,10 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# First run: trains the starter model into ./checkpoints (a few minutes on CPU), then serves it on
+# http://127.0.0.1:8000. Later runs serve at once. Settings: POCKETGPT_* variables (see docker/entrypoint.sh).
 serve: venv
-	$(BIN)/pocketgpt serve
+	PATH="$(CURDIR)/$(BIN):$$PATH" sh docker/entrypoint.sh
 
 bench: venv
 	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py; \

@@ -1,6 +1,6 @@
 """`pocketgpt` console entry point: a thin dispatcher over the project's subcommands.
 
-`train`, `eval` and `prepare` run `python -m training <subcommand> ...` in place of this
+`train`, `eval`, `prepare` and `import-hf` run `python -m training <subcommand> ...` in place of this
 process (os.execv), so the app package never imports training internals. `serve` and
 `generate` run in-process through `app.serve_cli.main(argv)`, imported lazily so that
 `pocketgpt train` does not pay for importing the web stack.
@@ -13,13 +13,14 @@ import importlib.util
 import os
 import sys
 
-TRAINING_COMMANDS = ("train", "eval", "prepare")
+TRAINING_COMMANDS = ("train", "eval", "prepare", "import-hf")
 SERVING_COMMANDS = ("serve", "generate")
 
 USAGE = """usage: pocketgpt <command> [args...]
 
 commands:
-  train | eval | prepare    run `python -m training <command> ...`
+  train | eval | prepare | import-hf
+                            run `python -m training <command> ...`
   serve | generate          run the web server / generate text from a checkpoint
 
 `pocketgpt <command> --help` shows a command's options."""

@@ -6,6 +6,7 @@ rewritten into the same shape, so a client has exactly one error format to parse
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,15 +70,31 @@ def envelope(message: str, type: str, param: str | None = None, code: str | None
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_UNION_TAG = re.compile(r"[^\w]")
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "any"}
+
+
+def _field_loc(error: dict[str, Any]) -> list[str]:
+    """The field an error is about: without the location kind ("body") and without the union member pydantic
+    tried ("stop.constrained-str", "prompt.str"), which is not a field of the request."""
+    loc = [str(p) for p in error.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    return [p for p in loc if not _UNION_TAG.search(p) and p not in _TYPE_NAMES]
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """The first validation problem, naming its field in `param` (e.g. "temperature" or "stop.1")."""
     errors = exc.errors()
     if not errors:
         return APIError(422, "invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ())]
-    if loc and loc[0] in ("body", "query", "path", "header"):
-        loc = loc[1:]
+    loc = _field_loc(first)
+    # A value that fits no member of a union gets one error per member; the member of the value's own type says
+    # what is wrong ("at most 4 items"), the others only that it is not their type.
+    same = [e for e in errors if _field_loc(e)[: len(loc)] == loc]
+    first = next((e for e in same if not str(e.get("type", "")).endswith("_type")), first)
+    loc = _field_loc(first)
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -104,7 +121,7 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"no route for {request.method} {request.url.path}"

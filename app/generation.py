@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,12 @@ def random_seed() -> int:
     return secrets.randbits(31)
 
 
+# How a request that is not plain text (chat messages) becomes prompt ids for one engine, plus extra token ids
+# that end the output. Called at admission with the engine that will run it, so the ids always come from that
+# engine's tokenizer, even across a model swap; it may raise APIError (e.g. 400: the model has no chat template).
+PromptRenderer = Callable[[Engine], tuple[list[int], tuple[int, ...]]]
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """A validated request, independent of the route that received it."""
@@ -36,6 +42,8 @@ class GenerationSpec:
     seed: int
     stop: tuple[str, ...] = ()
     max_tokens_param: str = "max_new_tokens"  # the field name to blame when the context overflows
+    render: PromptRenderer | None = None  # None: the prompt is `prompt`, encoded as text
+    clip_to_context: bool = False  # lower max_new_tokens to the room the prompt leaves (max_tokens not given)
 
 
 @dataclass
@@ -103,14 +111,16 @@ class Generation:
             engine = holder.current
             if engine is None:
                 raise APIError(503, "the model is not loaded yet", code="model_not_ready")
-            ids = engine.tokenizer.encode(spec.prompt)
+            ids, stop_ids = spec.render(engine) if spec.render else (engine.tokenizer.encode(spec.prompt), ())
             n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
+            if spec.clip_to_context and n < limit:
+                m = min(m, limit - n)
             if n + m > limit:
                 raise APIError(
                     422, f"prompt is {n} tokens and {spec.max_tokens_param} is {m}: {n + m} tokens exceed the "
                     f"model's context length of {limit}", param="prompt" if n >= limit else spec.max_tokens_param,
                     code="context_length_exceeded")
-            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout)
+            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids)
             try:
                 ticket = engine.submit(request)
             except EngineClosed:

@@ -11,6 +11,7 @@ Importing this module builds nothing and reads no settings: the module-level `ap
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,15 +25,19 @@ from app.engine.engine import Engine
 from app.engine.holder import EngineHolder
 from app.engine.loader import load_engine
 from app.errors import install_error_handlers
+from app.jobs.service import admin_enabled, create_job_manager, named_for
 from app.log import configure_logging
 from app.metrics import Metrics
-from app.middleware import AccessMiddleware, BodyLimitMiddleware
-from app.routes import generate, health, openai
+from app.middleware import AccessMiddleware, BodyLimitMiddleware, EnvelopeCORSMiddleware
+from app.openapi import install_openapi
+from app.routes import admin, chat, generate, health, openai, playground
 from app.settings import Settings
 from model.checkpoint import CheckpointError
 
 # (checkpoint dir, settings, metrics) -> a started Engine. Tests pass functools.partial(load_engine, step_delay=...).
 EngineFactory = Callable[[Path, Settings, Metrics], Engine]
+
+log = logging.getLogger("pocketgpt")
 
 
 class StartupError(Exception):
@@ -44,19 +49,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: AppContext = app.state.ctx
     configure_logging(ctx.settings.log_level)
     path = ctx.settings.checkpoint
+    admin = admin_enabled(ctx.settings)
     try:
-        if path is None:
+        if path is None and not admin:
             raise StartupError("no checkpoint configured: set POCKETGPT_CHECKPOINT or pass --checkpoint DIR")
-        try:
-            await ctx.holder.load(path)
-        except CheckpointError as exc:
-            raise StartupError(f"cannot load checkpoint {path}: {exc}") from None
+        if path is None:
+            # With the admin API a server may start empty: train a model, then hot-load it (POST /admin/model).
+            log.warning("no checkpoint configured: serving no model until one is loaded through /admin/model")
+        else:
+            try:
+                await ctx.holder.load(path)
+            except CheckpointError as exc:
+                raise StartupError(f"cannot load checkpoint {path}: {exc}") from None
     except StartupError as exc:
         app.state.startup_error = str(exc)  # StartupMessageMiddleware shows this instead of a traceback
         raise
+    jobs = None
     try:
+        if admin:
+            jobs = app.state.job_manager = create_job_manager(ctx.settings, ctx.holder)
+            await jobs.start()
         yield
     finally:
+        if jobs is not None:
+            await jobs.shutdown()  # running training jobs save `last/` and become `interrupted`
+            jobs.store.close()
         await ctx.holder.close()
 
 
@@ -84,7 +101,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     """Build an app. `settings` defaults to `Settings()` (the POCKETGPT_* environment), read now."""
     settings = settings or Settings()
     metrics = Metrics()
-    holder = EngineHolder(lambda path: engine_factory(path, settings, metrics))
+    holder = EngineHolder(lambda path: engine_factory(path, named_for(path, settings), metrics))
     metrics.bind(holder)
 
     app = FastAPI(title="pocketgpt", version="0.1.0", lifespan=lifespan,
@@ -92,13 +109,23 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.ctx = AppContext(settings=settings, holder=holder, metrics=metrics)
     # The same objects by name, for routes that read them directly (the admin router does).
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
+    app.state.job_manager = None  # set by the lifespan when the admin API is enabled
     install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(chat.router)
     app.include_router(health.router)
+    app.include_router(admin.router)  # answers 403 until POCKETGPT_ADMIN_TOKEN is set
+    playground.install(app)  # GET / and /static/*: the browser playground, open like /healthz
+    install_openapi(app)  # the error envelope, SSE and security, as served (app/openapi.py)
     # add_middleware wraps: the last added runs first. Access (ids, logs) sees everything, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        prefix_limits={"/admin/datasets": None})  # uploads stream to disk under their own limit
+    if settings.cors_origins:  # closed by default: no CORS headers unless POCKETGPT_CORS_ORIGINS names origins
+        app.add_middleware(EnvelopeCORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type",
+                                                                         "X-Request-ID", "Last-Event-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After", "Location"])
     app.add_middleware(AccessMiddleware, metrics=metrics)
     app.add_middleware(StartupMessageMiddleware)
     return app

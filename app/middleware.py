@@ -2,6 +2,7 @@
 
 - BodyLimitMiddleware: 413 for a body over the limit, by Content-Length up front and by counting the bytes
   that actually arrive (a chunked body has no Content-Length).
+- EnvelopeCORSMiddleware: Starlette's CORS, with a refused preflight answered in the error envelope.
 - AccessMiddleware: a request id (X-Request-ID in and out), request metrics, one access-log line per request,
   and the 500 envelope for anything unhandled.
 """
@@ -14,6 +15,8 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import APIError, BodyTooLarge
@@ -86,6 +89,19 @@ class BodyLimitMiddleware:
     async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         error = APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
         await error.response()(scope, receive, send)
+
+
+class EnvelopeCORSMiddleware(CORSMiddleware):
+    """CORS for the configured origins (only installed when POCKETGPT_CORS_ORIGINS names some). A preflight from
+    another origin (or for another method or header) gets the error envelope instead of Starlette's plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        reason = bytes(response.body).decode(errors="replace")
+        return APIError(400, f"CORS preflight refused: {reason}", code="cors_refused", headers=headers).response()
 
 
 class AccessMiddleware:

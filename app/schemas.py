@@ -8,8 +8,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import APIError
-from app.generation import GenerationSpec, random_seed
+from app.generation import GenerationSpec, PromptRenderer, random_seed
 from app.settings import Settings
+from model.chat import ROLES as CHAT_ROLES
 from model.sampling import SamplingParams
 
 MAX_SEED = 2**63 - 1
@@ -54,14 +55,29 @@ class GenerateRequest(BaseModel):
 
     def to_spec(self, settings: Settings) -> GenerationSpec:
         _check_prompt(self.prompt, settings)
-        _check_max_tokens(self.max_new_tokens, settings, "max_new_tokens")
+        # The default (64) never exceeds the server's bound: only a value the client sent is refused.
+        max_new = self.max_new_tokens if "max_new_tokens" in self.model_fields_set else \
+            min(self.max_new_tokens, settings.max_new_tokens)
+        _check_max_tokens(max_new, settings, "max_new_tokens")
         params = SamplingParams(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
         )
         seed = random_seed() if self.seed is None else self.seed
-        return GenerationSpec(self.prompt, self.max_new_tokens, params, seed, _stops(self.stop))
+        return GenerationSpec(self.prompt, max_new, params, seed, _stops(self.stop))
+
+
+def _openai_sampling(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    """Sampling parameters of an OpenAI-shaped request (a null field means its default)."""
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+    )
 
 
 class StreamOptions(BaseModel):
@@ -128,18 +144,107 @@ class CompletionRequest(BaseModel):
         self._refuse_unsupported()
         prompt = self.prompt_text()
         _check_prompt(prompt, settings)
-        max_tokens = 16 if self.max_tokens is None else self.max_tokens
+        max_tokens = min(16, settings.max_new_tokens) if self.max_tokens is None else self.max_tokens
         _check_max_tokens(max_tokens, settings, "max_tokens")
-        params = SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k or 0,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-        )
+        params = _openai_sampling(self)
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec(prompt, max_tokens, params, seed, _stops(self.stop), max_tokens_param="max_tokens")
+
+
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; `developer` is OpenAI's newer name for `system`. Content may be text parts."""
+
+    model_config = ConfigDict(extra="allow")  # e.g. `name`, accepted and ignored
+
+    role: str
+    content: str | list[ChatContentPart] | None = None
+
+    def as_dict(self, index: int) -> dict[str, str]:
+        """{"role", "content"} for the chat template; raises 400 for what a text-only model cannot take."""
+        role = "system" if self.role == "developer" else self.role
+        if role not in CHAT_ROLES:
+            raise APIError(400, f"messages.{index}.role {self.role!r} is not supported; use one of "
+                           f"{[*CHAT_ROLES, 'developer']}", param=f"messages.{index}.role", code="unsupported_role")
+        content = self.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise APIError(400, f"messages.{index}.content: only text parts are supported",
+                               param=f"messages.{index}.content", code="unsupported_content")
+            content = "".join(part.text or "" for part in content)
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions, the OpenAI chat shape (text only).
+
+    As with CompletionRequest, unknown fields are ignored and ones we cannot honour (n > 1, logprobs, tools,
+    logit_bias, a non-text response_format) are refused with 400. Without max_tokens / max_completion_tokens
+    the answer may use whatever room the context leaves, up to the server's bound.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(0, ge=0)
+    repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    stop: StopString | StopList | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+
+    def _refuse_unsupported(self) -> None:
+        fmt = (self.response_format or {}).get("type", "text")
+        unsupported = {
+            "n": self.n not in (None, 1), "logprobs": bool(self.logprobs), "top_logprobs": bool(self.top_logprobs),
+            "logit_bias": bool(self.logit_bias), "tools": bool(self.tools), "functions": bool(self.functions),
+            "response_format": fmt != "text",
+        }
+        for name, bad in unsupported.items():
+            if bad:
+                raise APIError(400, f"{name}={getattr(self, name)!r} is not supported by this server",
+                               param=name, code="unsupported_parameter")
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [m.as_dict(i) for i, m in enumerate(self.messages)]
+
+    def to_spec(self, settings: Settings, render: PromptRenderer) -> GenerationSpec:
+        """The spec; `render` turns the messages into prompt ids with the serving model's chat template."""
+        self._refuse_unsupported()
+        messages = self.message_dicts()
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > settings.max_prompt_chars:
+            raise APIError(422, f"messages hold {chars} characters; the limit is {settings.max_prompt_chars}",
+                           param="messages", code="prompt_too_long")
+        param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        given = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if given is not None:
+            _check_max_tokens(given, settings, param)
+        params = _openai_sampling(self)
+        seed = random_seed() if self.seed is None else self.seed
+        return GenerationSpec("", given or settings.max_new_tokens, params, seed, _stops(self.stop),
+                              max_tokens_param=param, render=render, clip_to_context=given is None)
 
 
 def openai_finish_reason(reason: str) -> str:

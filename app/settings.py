@@ -44,9 +44,13 @@ class Settings(BaseSettings):
 
     # -- auth ----------------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer keys for /v1 and /info; empty: open"
+        default_factory=list, description="comma-separated bearer keys for /v1 and /info; empty: open",
+        repr=False,  # secrets: never in a repr or a log line (admin_token is a SecretStr)
     )
     admin_token: SecretStr | None = Field(None, description="bearer token for the admin API")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS; empty: no CORS headers at all"
+    )
 
     # -- admin API (declared here so every part of the app reads one object) ------------------
     data_dir: Path = Field(Path("data"), description="datasets for training jobs")
@@ -54,10 +58,13 @@ class Settings(BaseSettings):
     db: Path = Field(Path("pocketgpt.db"), description="SQLite file for the job store")
     max_upload_bytes: int = Field(200_000_000, ge=1, description="dataset upload limit (the admin route "
                                   "enforces it; max_body_bytes does not apply under /admin/datasets)")
+    max_concurrent_jobs: int = Field(1, ge=1, description="training jobs running at once; the rest queue (FIFO)")
+    cancel_grace_s: float = Field(30.0, gt=0, description="seconds a cancelled (or, at shutdown, stopped) "
+                                  "training job gets to save and exit after SIGTERM before SIGKILL")
 
     log_level: str = Field("info", description="level of the pocketgpt loggers")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         # The environment gives one string; a comma-separated list is easier to write than JSON.

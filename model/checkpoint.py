@@ -3,7 +3,8 @@
     model.safetensors  weights (safetensors: loading never executes code)
     config.json        ModelConfig
     tokenizer.json     the BPE tokenizer
-    meta.json          format version, step, tokens seen, losses, created time, training config, fingerprint
+    meta.json          format version, step, tokens seen, losses, created time, training config, fingerprint,
+                       and "chat_template" for checkpoints fine-tuned on conversations (see model.chat)
     train_state.pt     optional: optimizer/scheduler/RNG/data position, loaded only with weights_only=True
 
 A save writes a sibling temp directory, fsyncs it, then swaps it in with renames, so a crash mid-save leaves
@@ -25,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.chat import META_KEY as CHAT_TEMPLATE_KEY
+from model.chat import ChatTemplate
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
@@ -46,6 +49,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     meta: dict[str, Any]
     path: Path
+    chat_template: ChatTemplate | None = None  # from meta.json; None: not a chat model
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,6 +73,7 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     meta: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> Path:
     """Atomically write a checkpoint directory at `path`, replacing any previous one."""
     final = Path(path)
@@ -79,6 +84,9 @@ def save_checkpoint(
         model.config.save(tmp / CONFIG)
         tokenizer.save(tmp / TOKENIZER)
         full_meta = {"format_version": FORMAT_VERSION, "created": time.time(), **(meta or {})}
+        if chat_template is not None:
+            chat_template.check(tokenizer)  # never write a template the tokenizer cannot render
+            full_meta[CHAT_TEMPLATE_KEY] = chat_template.to_dict()
         (tmp / META).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
@@ -163,11 +171,18 @@ def load_checkpoint(
             f"{root / TOKENIZER} has {tokenizer.vocab_size} tokens but config.json vocab_size is {config.vocab_size}"
         )
     meta = read_meta(root)
+    try:
+        chat_template = ChatTemplate.from_meta(meta)
+        if chat_template is not None:
+            chat_template.check(tokenizer)
+    except ValueError as e:
+        raise CheckpointError(f"{root / META}: invalid {CHAT_TEMPLATE_KEY}: {e}") from None
     model = GPT(config)
     _load_weights(root / WEIGHTS, model)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
-    return Checkpoint(model=model, config=config, tokenizer=tokenizer, meta=meta, path=root)
+    return Checkpoint(model=model, config=config, tokenizer=tokenizer, meta=meta, path=root,
+                      chat_template=chat_template)
 
 
 def load_train_state(path: str | Path) -> dict[str, Any] | None:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kv_cache import CacheBatch, KVCache
+from model.fastpath import FlatForward
+from model.kv_cache import CacheBatch, KVCache, StaticBatch
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -52,7 +53,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             k, v = cache.update(self.layer, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache.mask)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache.mask,
+                                               is_causal=cache.is_causal)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -92,6 +94,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self._flat: FlatForward | None = None  # set by prepare_inference()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -126,6 +129,36 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
+    def prepare_inference(self, transpose_weights: bool | None = None) -> GPT:
+        """Get a model that only serves ready for fast cached decoding; returns the model.
+
+        `forward_cached` then runs `FlatForward` (the same operations without the module calls, bitwise
+        equal). With `transpose_weights` (default: on CPU) every Linear weight is also stored as the transpose
+        of a contiguous [in, out] matrix: same values and shapes, but F.linear then multiplies by a row-major
+        [in, out] matrix, which runs decode's matrix-vector products much faster on CPU (the LM head of a
+        384-wide, 8192-token model about 3x). Going back to training (`train()`) or moving the model drops the
+        fast path; the layout only costs speed there.
+        """
+        self.eval()
+        if transpose_weights is None:
+            transpose_weights = next(self.parameters()).device.type == "cpu"
+        if transpose_weights:
+            with torch.no_grad():
+                for module in self.modules():
+                    if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                        module.weight.data = module.weight.data.t().contiguous().t()
+        self._flat = FlatForward(self)
+        return self
+
+    def train(self, mode: bool = True) -> GPT:
+        if mode:
+            self._flat = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): the flat path holds old tensors
+        self._flat = None
+        return super()._apply(fn, recurse)
+
     def _run(self, idx: torch.Tensor, positions: torch.Tensor, cache: CacheBatch | None) -> torch.Tensor:
         """Hidden states after the final norm; `positions` is (1 or B, T) absolute positions."""
         x = self.wte(idx)
@@ -153,17 +186,30 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_cached(
-        self, idx: torch.Tensor, cache: KVCache, slots: list[int], starts: list[int], last_only: bool = True
+        self, idx: torch.Tensor, cache: KVCache, slots: list[int], starts: list[int], last_only: bool = True,
+        lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """Run (B, C) new tokens through the cache; row b goes to slot `slots[b]` from position `starts[b]`.
 
-        Prefill is B=1 with a chunk of C tokens; batched decode is C=1 with each row at its own position.
-        Returns logits (B, V) for each row's last token, or (B, C, V) with `last_only=False`.
+        Prefill is a chunk of C tokens per row (rows shorter than C padded at the end, their real counts in
+        `lengths`); batched decode is C=1 with each row at its own position. Returns logits (B, V) for each
+        row's last (real) token, or (B, C, V) with `last_only=False`. Padding writes keys past a row's end,
+        which the row overwrites before it ever attends there.
         """
-        batch = cache.batch(slots, starts, idx.size(1))
-        x = self._run(idx, batch.positions, batch)
-        if last_only:
+        return self.forward_batch(idx, cache.batch(slots, starts, idx.size(1)), last_only, lengths)
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, idx: torch.Tensor, batch: CacheBatch | StaticBatch, last_only: bool = True,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor:
+        """`forward_cached` with the cache view already built (a StaticBatch for CUDA-graph decode steps)."""
+        flat = self._flat
+        x = flat.hidden(idx, batch) if flat is not None else self._run(idx, batch.positions, batch)
+        if lengths is not None:
+            x = x[torch.arange(x.size(0), device=x.device), torch.tensor(lengths, device=x.device) - 1]
+        elif last_only:
             x = x[:, -1, :]
-        return self.lm_head(x)
+        return flat.logits(x) if flat is not None else self.lm_head(x)

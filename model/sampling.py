@@ -51,6 +51,9 @@ def apply_penalties(
     return logits - pres * (counts > 0).to(logits.dtype) - freq * counts.to(logits.dtype)
 
 
+PREFIX = 64  # top-k / top-p rows look at this many top tokens first (a full sort only when the nucleus is wider)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -58,7 +61,13 @@ def sample(
     counts: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row of `logits` (B, V) and return them as a (B,) long tensor."""
+    """Pick one token per row of `logits` (B, V) and return them as a (B,) long tensor.
+
+    Greedy rows take the argmax. Plain temperature rows (no top-k, no top-p) invert the CDF of the softmax in
+    vocabulary order: O(V), no sort. Top-k/top-p rows invert the CDF of the kept tokens in descending order,
+    found with a top-`PREFIX` selection (a full sort only for a nucleus wider than that). Every row's
+    result depends only on its own logits, parameters and generator, never on the other rows.
+    """
     logits = logits.float()
     if counts is not None and prompt_mask is not None and any(p.penalized for p in params):
         logits = apply_penalties(logits, params, counts, prompt_mask)
@@ -67,22 +76,59 @@ def sample(
         return greedy_tokens
 
     dev = logits.device
-    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-
-    sorted_logits, order = torch.sort(logits / temp.unsqueeze(1), dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    rank = torch.arange(probs.size(1), device=dev).unsqueeze(0)
-    drop = (top_k.unsqueeze(1) > 0) & (rank >= top_k.unsqueeze(1))
-    # Nucleus: drop a token when the mass before it already reaches top_p (the first token always stays).
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
-    probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(dim=-1)
-
+    vocab = logits.size(1)
     draws = [torch.rand((), generator=g) if g is not None else torch.rand(()) for g in generators]
-    u = torch.stack(draws).to(dev) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_max(probs.size(1) - 1)
-    sampled = order.gather(1, pick).squeeze(1)
-    greedy_rows = torch.tensor([p.greedy for p in params], device=dev)
-    return torch.where(greedy_rows, greedy_tokens, sampled)
+    u = torch.stack(draws).to(dev)
+    plain = [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0 and p.top_p >= 1.0]
+    filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_k != 0 or p.top_p < 1.0)]
+    tokens = greedy_tokens.clone()
+    if plain:
+        rows = slice(None) if len(plain) == len(params) else torch.tensor(plain, device=dev)  # no gather if all
+        temp = torch.tensor([params[i].temperature for i in plain], device=dev).unsqueeze(1)
+        cdf = (logits[rows] / temp).softmax(dim=-1).cumsum(dim=-1)
+        pick = torch.searchsorted(cdf, (u[rows] * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(vocab - 1)
+        tokens[rows] = pick.squeeze(1)
+    if filtered:
+        prefix = min(PREFIX, vocab)
+        short = [i for i in filtered if params[i].top_k <= prefix]  # top-p only (0) or a small top-k
+        full = [i for i in filtered if params[i].top_k > prefix]
+        if short:
+            scaled = _scaled(logits, params, short)
+            vals, order = scaled.topk(prefix, dim=-1)
+            probs = (vals - scaled.logsumexp(dim=-1, keepdim=True)).exp()
+            # A top-p row whose nucleus reaches past the prefix needs the full sort.
+            wide = (probs.sum(dim=-1) < torch.tensor([params[i].top_p for i in short], device=dev)) & torch.tensor(
+                [params[i].top_k == 0 for i in short], device=dev)
+            if bool(wide.any()):
+                full += [i for i, w in zip(short, wide.tolist(), strict=True) if w]
+                keep = [j for j, w in enumerate(wide.tolist()) if not w]
+                short = [short[j] for j in keep]
+                probs, order = probs[keep], order[keep]
+            if short:
+                tokens[torch.tensor(short, device=dev)] = _pick(probs, order, [params[i] for i in short], u[short])
+        if full:
+            full.sort()
+            scaled = _scaled(logits, params, full)
+            vals, order = scaled.sort(dim=-1, descending=True)
+            probs = (vals - scaled.logsumexp(dim=-1, keepdim=True)).exp()
+            tokens[torch.tensor(full, device=dev)] = _pick(probs, order, [params[i] for i in full], u[full])
+    return tokens
+
+
+def _scaled(logits: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> torch.Tensor:
+    temp = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
+    return logits[torch.tensor(rows, device=logits.device)] / temp
+
+
+def _pick(probs: torch.Tensor, order: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF over tokens in descending order (`probs`, their ids `order`) after top-k/top-p filtering."""
+    dev = probs.device
+    top_k = torch.tensor([p.top_k for p in params], device=dev).unsqueeze(1)
+    top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+    rank = torch.arange(probs.size(1), device=dev).unsqueeze(0)
+    drop = (top_k > 0) & (rank >= top_k)
+    # Nucleus: drop a token when the mass before it already reaches top_p (the first token always stays).
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p
+    cdf = probs.masked_fill(drop, 0.0).cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(probs.size(1) - 1)
+    return order.gather(1, pick).squeeze(1)

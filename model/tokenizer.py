@@ -56,11 +56,12 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer) -> None:
         self._hf = hf
-        eot = hf.token_to_id(EOT)
+        eot = hf.token_to_id(EOT)  # by token, not by position: GPT-2 has it last (50256), ours first (0)
         if eot is None:
             raise ValueError(f"tokenizer has no {EOT!r} special token")
         self.eot_id: int = eot
         self._table = self._build_byte_table(hf)
+        self._plain: HFTokenizer | None = None  # a copy that reads special-token strings as text, made lazily
 
     @staticmethod
     def _build_byte_table(hf: HFTokenizer) -> list[bytes]:
@@ -108,9 +109,32 @@ class Tokenizer:
         """Number of ids, special tokens included (the model's embedding size must cover it)."""
         return len(self._table)
 
-    def encode(self, text: str) -> list[int]:
-        """Encode text to ids. A literal "<|endoftext|>" becomes `eot_id`."""
-        return self._hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Encode text to ids. A literal "<|endoftext|>" becomes `eot_id` unless `allow_special` is False,
+        in which case special-token strings are encoded as the plain text they are (for untrusted content,
+        e.g. chat messages, where "<|assistant|>" typed by a user must not become a role marker)."""
+        if allow_special:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        if self._plain is None:
+            plain = HFTokenizer.from_str(self._hf.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a whole token (e.g. a special token such as "<|end|>"), or None if it is not one."""
+        return self._hf.token_to_id(token)
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """A new tokenizer with `tokens` added as special tokens (appended after the last id) where missing.
+
+        The model's embedding table must then cover the new ids (see model.vocab.add_token_rows).
+        """
+        hf = HFTokenizer.from_str(self._hf.to_str())
+        missing = [t for t in dict.fromkeys(tokens) if hf.token_to_id(t) is None]
+        if missing:
+            hf.add_special_tokens(missing)
+        return Tokenizer(hf)
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         """Encode many texts at once (parallelised inside the library)."""

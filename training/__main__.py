@@ -1,4 +1,4 @@
-"""`python -m training [train|prepare|eval] ...`; see training.cli."""
+"""`python -m training [train|prepare|eval|import-hf] ...`; see training.cli."""
 
 import sys
 

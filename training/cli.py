@@ -5,12 +5,16 @@ usage:
   python -m training train --resume RUN_DIR [--max-steps N]        continue RUN_DIR/last exactly
   python -m training train --init-from CHECKPOINT_DIR --data new.txt --out RUN_DIR
   python -m training prepare --data PATH... --out RUN_DIR          tokenize only (RUN_DIR/data)
-  python -m training eval --checkpoint DIR --data PATH [--prompts FILE] [--json]
+  python -m training train --task sft --init-from CHECKPOINT_DIR --data pairs.jsonl --out RUN_DIR
+  python -m training eval --checkpoint DIR --data PATH [--prompts FILE] [--sft FILE] [--json]
+  python -m training import-hf HF_MODEL_DIR --out CHECKPOINT_DIR  a local GPT-2-format model (no download)
   torchrun --nproc_per_node=N -m training train ...                several processes (DDP)
-`pocketgpt train|prepare|eval ...` runs the same. Without a subcommand, `train` is meant.
+`pocketgpt train|prepare|eval|import-hf ...` runs the same. Without a subcommand, `train` is meant.
 
 --data takes files, folders, glob patterns, .jsonl files (a "text" field per line) and `stdlib`, the
 default: the running Python's standard library sources (*.py, tests excluded, ~12 MB on CPython 3.11).
+With --task sft, --data is JSONL of {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}
+examples (see training.sft_data), and --init-from names the checkpoint to fine-tune.
 --config FILE reads settings from TOML or JSON; flags given on the command line win over it.
 
 exit codes: 0 finished, 1 unexpected error, 2 bad input (the message names it), 130 / 143 cancelled by
@@ -34,7 +38,7 @@ from typing import Any
 from training.config import TrainConfig, load_config_file, validate_config
 from training.errors import UserError
 
-COMMANDS = ("train", "prepare", "eval")
+COMMANDS = ("train", "prepare", "eval", "import-hf")
 PREPARE_FIELDS = ("data", "out", "data_dir", "val_fraction", "tokenizer_vocab", "init_from")
 METAVARS = {
     "out": "RUN_DIR", "resume": "RUN_DIR", "init_from": "CHECKPOINT_DIR", "data_dir": "DIR", "max_time": "SECONDS",
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,prepare,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,prepare,eval,import-hf}")
     train = sub.add_parser("train", help="train a model (the default)", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(train, tuple(TrainConfig.model_fields))
@@ -88,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="loss, perplexity, bits per byte, BLEU and ROUGE of a checkpoint")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+    from training import import_hf  # light, like training.evaluate: heavy imports are inside its command
+
+    convert = sub.add_parser("import-hf", help="convert a local Hugging Face GPT-2 model into a checkpoint",
+                             description=import_hf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import_hf.add_import_arguments(convert)
+    convert.set_defaults(func=import_hf.cmd_import_hf)
     return parser
 
 

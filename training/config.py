@@ -29,7 +29,11 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # -- data --------------------------------------------------------------------------------------
+    # -- task and data -----------------------------------------------------------------------------
+    task: Literal["pretrain", "sft"] = Field(
+        "pretrain", description="pretrain: next-token prediction on text; sft: supervised fine-tuning of "
+        "init_from on JSONL prompt/completion or chat-messages examples, loss on the answers only",
+    )
     data: list[str] = Field(
         default_factory=lambda: [STDLIB], min_length=1,
         description="text files, folders (read recursively), glob patterns, .jsonl files with a 'text' field, "
@@ -79,6 +83,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.resume and self.init_from:
             raise ValueError("give either resume or init_from, not both")
+        if self.task == "sft" and not (self.init_from or self.resume):
+            raise ValueError("task sft fine-tunes a checkpoint: give init_from (or resume an sft run)")
         return self
 
     def model_overrides(self) -> dict[str, Any]:

@@ -5,6 +5,8 @@
 - BLEU (sacrebleu) and ROUGE-1/2/L F1 (rouge-score) of greedy continuations against references: the text is
   cut into chunks spread evenly over it, each chunk's first tokens are the prompt and the next ones the
   reference. `--prompts FILE` (JSONL of {"prompt": ..., "reference": ...}) gives held-out pairs instead.
+- `--sft FILE`: held-out fine-tuning examples (prompt/completion or messages, as `train --task sft` reads):
+  loss on the answer tokens, and exact match, BLEU and ROUGE of greedy answers (training.sft_eval).
 
 Chinese is scored per character: sacrebleu's `zh` tokenizer, and a ROUGE tokenizer that splits CJK characters
 (rouge-score's default one drops every non-ASCII character).
@@ -31,6 +33,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
                    help="text to evaluate on: files, folders, globs, .jsonl or stdlib")
     p.add_argument("--prompts", metavar="FILE", help='JSONL of {"prompt": ..., "reference": ...} pairs')
+    p.add_argument("--sft", metavar="FILE", help="JSONL of held-out fine-tuning examples to answer and score")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     p.add_argument("--max-tokens", type=int, default=200_000, help="score at most this many tokens (200000)")
@@ -161,8 +164,8 @@ def evaluate_checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
     from training.data import token_byte_lengths
     from training.distributed import DistContext, pick_device
 
-    if not ns.data and not ns.prompts:
-        raise UserError("give the text to evaluate on with --data (and/or held-out pairs with --prompts)")
+    if not ns.data and not ns.prompts and not ns.sft:
+        raise UserError("give the text to evaluate on with --data (and/or held-out pairs with --prompts or --sft)")
     try:
         ckpt = load_checkpoint(ns.checkpoint, device=pick_device(ns.device, DistContext()))
     except CheckpointError as e:
@@ -180,7 +183,23 @@ def evaluate_checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
         pairs = pairs_from_file(ns.prompts, tok, model.config.block_size)
     if pairs:
         result.update(continuation_metrics(model, tok, pairs))
+    if ns.sft:
+        result["sft"] = sft_metrics(ckpt, ns.sft, ns.batch_size, device)
     return result
+
+
+def sft_metrics(ckpt: Any, path: str, batch_size: int, device: Any) -> dict[str, Any]:
+    """Answer loss and scores of a checkpoint on a file of fine-tuning examples."""
+    from training.sft_data import encode_all, read_records
+    from training.sft_eval import evaluate_sft
+
+    examples, dropped = encode_all(read_records([path]), ckpt.tokenizer, ckpt.chat_template,
+                                   ckpt.config.block_size)
+    if not examples:
+        raise UserError(f"{path} holds no example that fits the context ({dropped} too long)")
+    ev = evaluate_sft(ckpt.model, ckpt.tokenizer, examples, batch_size, device, limit=len(examples))
+    return {"examples": len(examples), "dropped_too_long": dropped, "loss": ev.loss, "bits_per_byte": ev.bpb,
+            **{k: v for k, v in ev.scores.items() if k != "scored"}}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -194,9 +213,14 @@ def print_table(result: dict[str, Any]) -> None:
             ("perplexity", "perplexity", "{:.2f}"), ("bits per byte", "bits_per_byte", "{:.4f}"),
             ("prompts", "prompts", "{}"), ("BLEU", "bleu", "{:.2f}"), ("ROUGE-1 F1", "rouge1", "{:.2f}"),
             ("ROUGE-2 F1", "rouge2", "{:.2f}"), ("ROUGE-L F1", "rougeL", "{:.2f}")]
+    sft = result.get("sft") or {}
+    rows += [("sft examples", "sft.examples", "{}"), ("sft answer loss", "sft.loss", "{:.4f}"),
+             ("sft exact match %", "sft.exact_match", "{:.2f}"), ("sft BLEU", "sft.bleu", "{:.2f}"),
+             ("sft ROUGE-L F1", "sft.rougeL", "{:.2f}")]
     for label, key, fmt in rows:
-        if result.get(key) is not None:
-            table.add_row(label, fmt.format(result[key]))
+        value = sft.get(key[4:]) if key.startswith("sft.") else result.get(key)
+        if value is not None:
+            table.add_row(label, fmt.format(value))
     Console().print(table)
 
 

@@ -22,7 +22,11 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("type", "step", "path", "kind"),
     "end": ("type", "status", "step", "reason", "best_val_loss", "best_path", "last_path"),
     "error": ("type", "message"),
+    # task sft, after each eval record: greedy answers to held-out examples scored against their references
+    # (percentages; `scored` = how many were generated).
+    "sft_eval": ("type", "step", "scored", "exact_match", "bleu", "rouge1", "rouge2", "rougeL"),
 }
+SFT_SCORES = RECORD_FIELDS["sft_eval"][2:]
 
 
 def _clean(value: Any) -> Any:

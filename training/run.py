@@ -3,6 +3,8 @@
 Three ways to start: from scratch (preset + overrides, a tokenizer trained on the data), `init_from` a
 checkpoint (its weights, tokenizer and model config; a fresh optimizer at step 0), or `resume` RUN_DIR/last
 (weights, optimizer, step, RNG and sampler state as they were, so the loss curve continues exactly).
+Task `sft` reads JSONL examples instead of text (training.sft_data); when that adds chat markers to the
+tokenizer, the model gets embedding rows for them (model.vocab).
 """
 
 from __future__ import annotations
@@ -16,27 +18,33 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.chat import ChatTemplate
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_train_state
 from model.config import ModelConfig, preset
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
+from model.vocab import add_token_rows
 from training.config import TrainConfig
 from training.data import PreparedData, load_prepared, prepare_data
 from training.distributed import DistContext, main_then_others, pick_device, wrap_model
 from training.errors import UserError
 from training.optim import make_optimizer
 from training.sampler import WindowSampler
+from training.sft_data import SFTData, prepare_sft
+from training.sft_sampler import SFTSampler
 from training.state import restore_rng
 
 
 @dataclass
 class Run:
     device: torch.device
-    data: PreparedData
+    data: PreparedData | SFTData
     model: GPT  # the plain module: evaluation, generation and checkpoints use it
     train_model: nn.Module  # what the training step calls: `model`, wrapped in DDP and/or compiled
     optimizer: torch.optim.AdamW
-    sampler: WindowSampler
+    sampler: WindowSampler | SFTSampler
+    tokens_per_row: int  # tokens in one batch row: block_size, or the mean example length for sft
+    chat_template: ChatTemplate | None = None  # saved with every checkpoint of the run
     preset: str = "custom"  # the preset the model was built from, for the metrics' start record
     start_step: int = 0
     tokens_seen: int = 0
@@ -95,9 +103,17 @@ def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) ->
             tokenizer=ckpt.tokenizer if ckpt else None, log=log,
         )
 
-    data = main_then_others(ctx, device, prepare, lambda: load_prepared(cfg.prepared_dir))
+    data: PreparedData | SFTData
+    if cfg.task == "sft":
+        assert ckpt is not None  # TrainConfig requires init_from or resume for sft
+        # Every rank reads and encodes the (small) example files itself: nothing is written to share.
+        data = prepare_sft(cfg.data, ckpt.tokenizer, ckpt.chat_template, block_size=ckpt.config.block_size,
+                           val_fraction=cfg.val_fraction, seed=cfg.seed, log=log)
+    else:
+        data = main_then_others(ctx, device, prepare, lambda: load_prepared(cfg.prepared_dir))
     mcfg = _model_config(cfg, ckpt, data.tokenizer)
-    data.check_context(mcfg.block_size)
+    if isinstance(data, PreparedData):
+        data.check_context(mcfg.block_size)
     if cfg.batch_size % ctx.world_size:
         raise UserError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes")
 
@@ -105,11 +121,20 @@ def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) ->
     model = GPT(mcfg)
     if ckpt is not None:
         model.load_state_dict(ckpt.model.state_dict())
+        if data.tokenizer.vocab_size > ckpt.tokenizer.vocab_size:  # sft added chat markers
+            model = add_token_rows(model, ckpt.tokenizer.vocab_size, data.tokenizer.vocab_size)
     model.to(device).train()
+    if isinstance(data, SFTData):
+        sampler: WindowSampler | SFTSampler = SFTSampler(
+            data.train, cfg.batch_size, cfg.seed, data.tokenizer.eot_id, ctx.rank, ctx.world_size)
+        tokens_per_row, template = max(1, round(data.mean_length)), data.template
+    else:
+        sampler = WindowSampler(data.train, mcfg.block_size, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+        tokens_per_row, template = mcfg.block_size, ckpt.chat_template if ckpt else None
     run = Run(
         device=device, data=data, model=model, train_model=model,
         optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, device.type),
-        sampler=WindowSampler(data.train, mcfg.block_size, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size),
+        sampler=sampler, tokens_per_row=tokens_per_row, chat_template=template,
     )
     run.preset = _preset_name(cfg, ckpt)
     if cfg.resume:

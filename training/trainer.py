@@ -2,7 +2,8 @@
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` windows (shared out over the processes).
 Every `eval_every` steps: validation loss, perplexity, bits per byte and a greedy sample, then RUN_DIR/best (on
-a new best validation loss) and RUN_DIR/last, the latter with the state to resume from. The run stops at
+a new best validation loss) and RUN_DIR/last, the latter with the state to resume from (task sft: loss on the
+held-out answers, plus an `sft_eval` record scoring greedy answers; see training.sft_eval). The run stops at
 `max_steps`, after `max_time` seconds (counted from the start of `run`, data preparation included), when the
 validation loss reaches `target_loss`, or on `request_stop()` (SIGTERM/SIGINT): the current step finishes,
 `last` is saved and the run ends "cancelled".
@@ -24,7 +25,7 @@ from model.generate import generate
 from model.sampling import SamplingParams
 from training.config import TrainConfig
 from training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
-from training.metrics import METRICS_FILENAME, MetricsWriter
+from training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
 from training.progress import Progress
 from training.run import Run, build_run
 from training.sampler import eval_windows, windows_at
@@ -36,8 +37,9 @@ from training.state import capture_rng
 class EvalResult:
     loss: float
     ppl: float
-    bpb: float
+    bpb: float | None
     sample: str
+    scores: dict[str, Any] | None = None  # task sft: exact match, BLEU and ROUGE of held-out answers
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.run_state.model.config.block_size
+        return self.cfg.batch_size * self.cfg.grad_accum * self.run_state.tokens_per_row
 
     def run(self) -> RunResult:
         """Train until a stop condition; returns how it ended."""
@@ -184,7 +186,7 @@ class Trainer:
             f"model: {r.model.num_params():,} parameters ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"context {m.block_size}, vocab {m.vocab_size}) on {r.device}"
             f"{f' x {self.ctx.world_size} processes' if self.ctx.enabled else ''}\n"
-            f"tokens per step: {self.tokens_per_step:,} ({cfg.batch_size} x {cfg.grad_accum} x {m.block_size})"
+            f"tokens per step: {self.tokens_per_step:,} ({cfg.batch_size} x {cfg.grad_accum} x {r.tokens_per_row})"
             f"{f'; resuming from step {r.start_step}' if cfg.resume else ''}"
         )
         self.metrics.start(
@@ -196,6 +198,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
         """Mean loss over fixed, evenly spread validation windows; bits per byte from the split's counts."""
+        if self.cfg.task == "sft":
+            return self._evaluate_sft()
         r, cfg = self.run_state, self.cfg
         model, T = r.model, r.model.config.block_size
         model.eval()
@@ -211,6 +215,15 @@ class Trainer:
         model.train()
         bpb = loss / (math.log(2) * r.data.val_bytes_per_token)
         return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, sample=sample)
+
+    def _evaluate_sft(self) -> EvalResult:
+        from training.sft_eval import evaluate_sft
+
+        r = self.run_state
+        ev = evaluate_sft(r.model, r.tokenizer, r.data.val, self.cfg.batch_size, r.device, self._autocast)
+        r.model.train()
+        return EvalResult(loss=ev.loss, ppl=math.exp(min(ev.loss, 700.0)), bpb=ev.bpb, sample=ev.sample,
+                          scores=ev.scores)
 
     def _sample(self) -> str:
         r = self.run_state
@@ -235,8 +248,14 @@ class Trainer:
         self.metrics.write(
             "eval", step=step, val_loss=ev.loss, val_ppl=ev.ppl, val_bpb=ev.bpb, sample=ev.sample, best=is_best
         )
-        self.progress.info(f"step {step}: val loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.bpb:.3f} bits/byte"
+        bpb = "?" if ev.bpb is None else f"{ev.bpb:.3f}"
+        self.progress.info(f"step {step}: val loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {bpb} bits/byte"
                            f"{' (best)' if is_best else ''}\n  sample: {ev.sample[:200]!r}")
+        if ev.scores is not None:
+            s = ev.scores
+            self.metrics.write("sft_eval", step=step, **{k: s[k] for k in SFT_SCORES})
+            self.progress.info(f"  held-out answers: exact match {s['exact_match']:.1f}% | BLEU {s['bleu']:.1f} | "
+                               f"ROUGE-L {s['rougeL']:.1f} ({s['scored']} scored)")
         if is_best:
             self._save("best", step, ev)
         self._save("last", step, ev)
@@ -250,7 +269,8 @@ class Trainer:
             "val_loss": ev.loss if ev else None, "val_bpb": ev.bpb if ev else None,
             "config": cfg.model_dump(), "data_fingerprint": r.data.meta["fingerprint"],
         }
-        save_checkpoint(path, r.model, r.tokenizer, meta, self._train_state(step) if kind == "last" else None)
+        save_checkpoint(path, r.model, r.tokenizer, meta, self._train_state(step) if kind == "last" else None,
+                        chat_template=r.chat_template)
         if kind == "last":
             self.saved_step = step
         self.metrics.write("checkpoint", step=step, path=str(path), kind=kind)

@@ -1,16 +1,24 @@
 """The decode thread: continuous batching over the slot KV cache.
 
 One thread owns the model and the cache. Each turn of its loop it applies new requests and cancellations
-from the inbox, times out overdue requests, admits waiting requests into free slots, prefills at most
-`prefill_chunk` prompt tokens, runs one batched decode step over every running slot (each row at its own
-position), samples every row with its own parameters and generator in one call, and hands the new tokens
-to each request's asyncio queue. With nothing to do it blocks on the inbox instead of spinning.
+from the inbox, times out overdue requests, admits waiting requests into free slots, runs one batched decode
+step over every running slot (each row at its own position), prefills prompt chunks within a token budget,
+samples every row with its own parameters and generator in one call, and hands the new tokens to each
+request's asyncio queue. With nothing to do it blocks on the inbox instead of spinning.
+
+Prefill budget: with nothing decoding a step takes up to `prefill_chunk` prompt tokens (fast time to first
+token); while requests decode it takes about one token per two decoding rows (at least one granule), so a
+long prompt never stalls running streams: on a CPU, where a prompt token costs about what a decode row does,
+their inter-token latency rises by well under 2x while it is prefilled. Prompts are cut into chunks at fixed
+multiples of `prefill_granule` whatever the load, and chunks of several prompts that start at the same
+position run as one padded batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import queue
 import threading
@@ -20,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from app.engine.graphs import GraphDecoder
 from app.engine.scheduler import Scheduler, Sequence
 from app.engine.stream import TextStream
 from app.engine.types import DoneEvent, EngineClosed, ErrorEvent, Event, FinishReason, GenRequest, Ticket, TokenEvent
@@ -50,11 +59,18 @@ class Engine:
         max_running: int = 16,
         max_queue: int = 64,
         prefill_chunk: int = 256,
+        prefill_granule: int | None = None,
+        decode_graphs: bool | None = None,
         name: str | None = None,
         metrics: Metrics | None = None,
         step_delay: float = 0.0,
     ) -> None:
-        self.model = checkpoint.model
+        model = checkpoint.model
+        if hasattr(model, "prepare_inference"):  # a GPT; tests may serve stand-ins with only forward_cached
+            model = model.prepare_inference()  # the flat fast path (and [in, out] weights on CPU)
+        self.model = model
+        # Padded multi-prompt prefill needs `lengths`; CUDA-graph steps need `forward_batch`.
+        self._padded_prefill = "lengths" in inspect.signature(model.forward_cached).parameters
         self.tokenizer = checkpoint.tokenizer
         self.config = checkpoint.config
         self.meta = checkpoint.meta
@@ -65,12 +81,22 @@ class Engine:
         self.context_length = self.config.block_size
         self.max_running = max_running
         self.prefill_chunk = prefill_chunk
+        # The chunk grid: small on a CPU (a chunk's cost adds to a decode step's), the whole budget on a GPU.
+        if prefill_granule is None:
+            prefill_granule = prefill_chunk if self.device.type == "cuda" else 16
+        self.prefill_granule = max(1, min(prefill_granule, prefill_chunk))
         self.metrics = metrics
         self.step_delay = step_delay  # a test and benchmark hook: emulate a slower model
         self.eot_id = self.tokenizer.eot_id
         self._text_vocab = self.tokenizer.vocab_size  # ids beyond it (a padded embedding) are never sampled
 
         self.cache = KVCache.for_model(self.model, n_slots=max_running)
+        # Decode steps from CUDA graphs on a GPU (default); on a CPU the same static step runs eagerly when asked
+        # for (tests), though the dynamic path is faster there.
+        if decode_graphs is None:
+            decode_graphs = self.device.type == "cuda"
+        use_graphs = decode_graphs and hasattr(model, "forward_batch")
+        self._graphs = GraphDecoder(self.model, self.cache) if use_graphs else None
         vocab = self.config.vocab_size
         # Penalty state per slot, kept on the device; only rows of penalized requests are kept up to date.
         self._counts = torch.zeros(max_running, vocab, dtype=torch.int32, device=self.device)
@@ -120,7 +146,7 @@ class Engine:
             self._inbox.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self.model = self.cache = None  # type: ignore[assignment]
+        self.model = self.cache = self._graphs = None  # type: ignore[assignment]
         self._counts = self._prompt_mask = None  # type: ignore[assignment]
 
     @property
@@ -224,24 +250,25 @@ class Engine:
                 self._prompt_mask[seq.slot].zero_()
                 self._prompt_mask[seq.slot, torch.tensor(req.prompt_ids, device=self.device)] = True
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _step(self) -> None:
         """One batched step: decode every running row, prefill what the budget allows, sample all at once."""
         rows: list[Sequence] = self.scheduler.decode_rows()
         parts: list[torch.Tensor] = []
         if rows:
-            idx = torch.tensor([[s.next_token] for s in rows], device=self.device)
-            parts.append(self.model.forward_cached(idx, self.cache, [s.slot for s in rows], [s.pos for s in rows]))
+            slots, positions = [s.slot for s in rows], [s.pos for s in rows]
+            if self._graphs is not None:
+                parts.append(self._graphs.step(slots, [s.next_token for s in rows], positions))
+            else:
+                idx = torch.tensor([[s.next_token] for s in rows], device=self.device)
+                parts.append(self.model.forward_cached(idx, self.cache, slots, positions))
             for s in rows:
                 s.pos += 1
-        for seq, start, end in self.scheduler.prefill_plan(self.prefill_chunk):
-            chunk = torch.tensor([seq.request.prompt_ids[start:end]], device=self.device)
-            logits = self.model.forward_cached(chunk, self.cache, [seq.slot], [start])
-            seq.prefilled = end
-            if not seq.prefilling:
-                seq.pos = end
-                rows.append(seq)
-                parts.append(logits)
+        granule = self.prefill_granule
+        budget = self.prefill_chunk if not rows else max(granule, len(rows) // 2 // granule * granule)
+        for seq, logits in self._prefill(self.scheduler.prefill_plan(min(budget, self.prefill_chunk), granule)):
+            rows.append(seq)
+            parts.append(logits)
         if not rows:
             return  # only partial prompt chunks ran this step
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -263,11 +290,53 @@ class Engine:
         for seq, token in zip(rows, tokens.tolist(), strict=True):  # the one host sync of the step
             self._advance(seq, token, now)
 
+    def _prefill(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Run the planned prompt chunks; return (sequence, last-token logits) for prompts now complete.
+
+        A prompt's chunks run in order; chunks of different prompts that start at the same position run as
+        one batch, shorter ones padded at the end (the padding's keys land past the prompt and are overwritten
+        before anything attends there).
+        """
+        done: list[tuple[Sequence, torch.Tensor]] = []
+        while plan:
+            wave: dict[int, list[tuple[Sequence, int, int]]] = defaultdict(list)  # start -> chunks
+            later, seen = [], set()
+            for item in plan:
+                if item[0] in seen:
+                    later.append(item)
+                else:
+                    seen.add(item[0])
+                    wave[item[1]].append(item)
+            for start, group in wave.items():
+                width = max(end - s for _, s, end in group)
+                if self._padded_prefill and start + width <= self.cache.max_len:
+                    batches = [group]
+                else:  # no room for padding (or a model that cannot take it): equal lengths together
+                    by_width: dict[int, list] = defaultdict(list)
+                    for item in group:
+                        by_width[item[2] - item[1]].append(item)
+                    batches = list(by_width.values())
+                for chunks in batches:
+                    width = max(end - s for _, s, end in chunks)
+                    lengths = [end - s for _, s, end in chunks]
+                    idx = torch.tensor([seq.request.prompt_ids[s:end] + [0] * (width - (end - s))
+                                        for seq, s, end in chunks], device=self.device)
+                    logits = self.model.forward_cached(
+                        idx, self.cache, [seq.slot for seq, _, _ in chunks], [start] * len(chunks),
+                        **({"lengths": lengths} if min(lengths) < width else {}))
+                    for i, (seq, _, end) in enumerate(chunks):
+                        seq.prefilled = end
+                        if not seq.prefilling:
+                            seq.pos = end
+                            done.append((seq, logits[i : i + 1]))
+            plan = later
+        return done
+
     def _advance(self, seq: Sequence, token: int, now: float) -> None:
         """Hand one sampled token to its request; retire the request on end-of-text, a stop string or length."""
         index = seq.generated
         seq.generated += 1
-        if token == self.eot_id:
+        if token == self.eot_id or token in seq.request.stop_ids:  # stop_ids: e.g. a chat template's end
             text, stop = seq.text.finish()
             reason: FinishReason | None = "stop_sequence" if stop else "eos"
         else:

@@ -113,24 +113,26 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def prefill_plan(self, budget: int) -> list[tuple[Sequence, int, int]]:
-        """Prompt chunks (sequence, start, end) for this step, at most `budget` tokens in all.
+    def prefill_plan(self, budget: int, granule: int | None = None) -> list[tuple[Sequence, int, int]]:
+        """Prompt chunks (sequence, start, end) for this step, at most `budget` prompt tokens in all.
 
-        Chunks are cut at multiples of `budget` from the prompt start, whatever else is running, so a
-        prompt is always prefilled the same way: batching never changes its numbers. The first chunk of a
-        step is always taken; later ones only if they fit, in admission order (no overtaking).
+        Chunks are cut at multiples of `granule` (default: `budget`) from the prompt start, whatever else is
+        running, so a prompt is always prefilled the same way: batching never changes its numbers. A prompt
+        may get several consecutive chunks in one step. The first chunk of a step is always taken; later ones
+        only if they fit, in admission order (no overtaking).
         """
+        granule = granule or budget
         plan: list[tuple[Sequence, int, int]] = []
         used = 0
         for seq in self.running.values():
-            if not seq.prefilling:
-                continue
-            start = seq.prefilled
-            end = min(start + budget, len(seq.request.prompt_ids))
-            if plan and used + (end - start) > budget:
-                break
-            plan.append((seq, start, end))
-            used += end - start
+            start, n = seq.prefilled, len(seq.request.prompt_ids)
+            while start < n:
+                end = min((start // granule + 1) * granule, n)
+                if plan and used + (end - start) > budget:
+                    return plan
+                plan.append((seq, start, end))
+                used += end - start
+                start = end
         return plan
 
     def decode_rows(self) -> list[Sequence]:

@@ -30,6 +30,7 @@ class GenRequest:
     seed: int = 0
     stop: tuple[str, ...] = ()
     timeout: float | None = None  # seconds from submission; None: no limit
+    stop_ids: tuple[int, ...] = ()  # tokens that end the output like end-of-text (a chat turn's end marker)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

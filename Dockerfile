@@ -1,0 +1,80 @@
+# syntax=docker/dockerfile:1
+# pocketgpt: train a small GPT, serve it with FastAPI.
+#
+#   docker build -t pocketgpt:cpu .                                  # CPU torch (default)
+#   docker build -t pocketgpt:cuda --build-arg TORCH_VARIANT=cuda .  # CUDA torch (PyPI's default build)
+#   docker build --build-arg TORCH_VARIANT=cu128 .                   # a specific CUDA build from the PyTorch index
+#
+# TORCH_VARIANT: cpu   -> https://download.pytorch.org/whl/cpu (small, no CUDA libraries)
+#                cuda  -> PyPI's torch wheel, which on Linux x86_64 is the CUDA build
+#                cuXYZ -> https://download.pytorch.org/whl/cuXYZ (must exist for TORCH_VERSION)
+
+ARG PYTHON_VERSION=3.11
+
+# ---------------------------------------------------------------- builder: a venv with the app and its runtime deps
+FROM python:${PYTHON_VERSION}-slim AS builder
+
+ARG TORCH_VARIANT=cpu
+ARG TORCH_VERSION=2.13.0
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# torch first, in its own layer: it is by far the largest dependency and changes least often.
+# Installing it before the project means the project's loose "torch>=2.2" is already satisfied,
+# so pip never swaps in a different build.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN case "$TORCH_VARIANT" in \
+        cuda) pip install "torch==${TORCH_VERSION}" ;; \
+        cpu|cu[0-9]*) pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" ;; \
+        *) echo "unknown TORCH_VARIANT=${TORCH_VARIANT} (use cpu, cuda or cuXYZ)" >&2; exit 2 ;; \
+    esac
+
+# The project itself: a regular (non-editable) install without the dev extra.
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY training ./training
+COPY app ./app
+RUN pip install . && pip check
+
+# ---------------------------------------------------------------- runtime: slim image, venv only, non-root
+FROM python:${PYTHON_VERSION}-slim AS runtime
+
+LABEL org.opencontainers.image.title="pocketgpt" \
+      org.opencontainers.image.description="Train a small GPT on your own text, then serve it with FastAPI."
+
+RUN groupadd --system --gid 10001 pocketgpt \
+    && useradd --system --uid 10001 --gid pocketgpt --home-dir /home/pocketgpt --create-home \
+       --shell /usr/sbin/nologin pocketgpt \
+    && mkdir -p /var/lib/pocketgpt/checkpoints /var/lib/pocketgpt/data /var/lib/pocketgpt/db \
+    && chown -R pocketgpt:pocketgpt /var/lib/pocketgpt
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/pocketgpt-entrypoint
+
+# State lives under /var/lib/pocketgpt: named volumes mounted there start as copies of these empty,
+# pocketgpt-owned directories, so the non-root server can write to them.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    POCKETGPT_HOST=0.0.0.0 \
+    POCKETGPT_PORT=8000 \
+    POCKETGPT_CHECKPOINT_DIR=/var/lib/pocketgpt/checkpoints \
+    POCKETGPT_DATA_DIR=/var/lib/pocketgpt/data \
+    POCKETGPT_DB=/var/lib/pocketgpt/db/pocketgpt.db
+
+USER 10001:10001
+WORKDIR /home/pocketgpt
+EXPOSE 8000
+
+# curl is not in the slim image: probe /readyz with the standard library. The start period covers the
+# first-run bootstrap (the starter model trains for at most POCKETGPT_STARTER_MAX_TIME seconds).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('POCKETGPT_PORT', '8000') + '/readyz', timeout=4)"]
+
+ENTRYPOINT ["/usr/local/bin/pocketgpt-entrypoint"]

@@ -1,0 +1,37 @@
+"""Wiring between the app and the jobs package: whether the admin API is on, the manager, served names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.engine.holder import EngineHolder
+from app.jobs.manager import JobManager
+from app.jobs.store import JobStore
+from app.settings import Settings
+
+
+def admin_enabled(settings: Settings) -> bool:
+    """The admin API (and with it the job manager and its database) exists only with an admin token set."""
+    token = settings.admin_token
+    return token is not None and bool(token.get_secret_value())
+
+
+def create_job_manager(settings: Settings, holder: EngineHolder) -> JobManager:
+    """A job manager over the configured database and checkpoint root; jobs with serve_when_done hot-load
+    their checkpoint through `holder`."""
+    return JobManager(
+        JobStore(settings.db), settings.checkpoint_dir, max_concurrent=settings.max_concurrent_jobs,
+        cancel_grace_s=settings.cancel_grace_s, on_serve=holder.swap,
+    )
+
+
+def named_for(path: Path, settings: Settings) -> Settings:
+    """Settings for loading `path`: unless a model name is configured, a checkpoint under the checkpoint root
+    is named by its path there (`job-0123/best`, not just `best`), so /v1/models says which one is served."""
+    if settings.model_name is not None:
+        return settings
+    try:
+        name = Path(path).resolve().relative_to(Path(settings.checkpoint_dir).resolve()).as_posix()
+    except ValueError:
+        return settings  # elsewhere: the engine's default, the directory's name
+    return settings.model_copy(update={"model_name": name})

@@ -1,0 +1,102 @@
+"""POST /v1/chat/completions: OpenAI chat completions (JSON and SSE) for checkpoints with a chat template.
+
+The messages are rendered with the served checkpoint's template (model.chat, the same code the fine-tuning
+trainer used), and generation stops at the template's end marker. A checkpoint without a template answers 400
+`no_chat_template`. A stream is `data: {chunk}` lines: the first delta carries the role, the last chunk with a
+choice carries `finish_reason`, then, with `stream_options.include_usage`, a chunk with empty `choices` and the
+usage, and finally `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.auth import require_api_key
+from app.context import AppContext, get_ctx, watch_disconnect
+from app.engine.engine import Engine
+from app.errors import APIError
+from app.generation import Generation, PromptRenderer, wait_or_cancel
+from app.schemas import ChatCompletionRequest, openai_finish_reason
+from model.chat import ChatTemplate
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def chat_renderer(messages: list[dict[str, str]]) -> PromptRenderer:
+    """Render `messages` with the template of whichever engine admits the request."""
+
+    def render(engine: Engine) -> tuple[list[int], tuple[int, ...]]:
+        template = ChatTemplate.from_meta(engine.meta)  # validated when the checkpoint was loaded
+        if template is None:
+            raise APIError(
+                400, f"model {engine.name!r} has no chat template, so it cannot take chat messages: it was not "
+                "fine-tuned on conversations. Use /v1/completions with a text prompt, or fine-tune it with "
+                "`pocketgpt train --task sft` on messages data.", param="messages", code="no_chat_template")
+        rendered = template.render(engine.tokenizer, messages, add_generation_prompt=True)
+        return rendered.ids, template.stop_ids(engine.tokenizer)
+
+    return render
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _head(generation: Generation, created: int, chunk: bool) -> dict[str, Any]:
+    return {"id": generation.id.replace("gen-", "chatcmpl-", 1),
+            "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": created, "model": generation.model}
+
+
+def _delta(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+async def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
+    head = _head(generation, int(time.time()), chunk=True)
+    extra = {"usage": None} if include_usage else {}
+    try:
+        yield ServerSentEvent(_dumps({**head, "choices": [_delta({"role": "assistant", "content": ""}, None)],
+                                      **extra}))
+        async for token in generation.tokens():
+            if token.text:  # a held-back token (half a character, a possible stop string) has nothing to show
+                yield ServerSentEvent(_dumps({**head, "choices": [_delta({"content": token.text}, None)], **extra}))
+        result = generation.result
+        assert result is not None
+        finish = openai_finish_reason(result.finish_reason)
+        yield ServerSentEvent(_dumps({**head, "choices": [_delta({}, finish)], **extra}))
+        if include_usage:
+            yield ServerSentEvent(_dumps({**head, "choices": [], "usage": result.usage()}))
+    except APIError as exc:
+        yield ServerSentEvent(_dumps(exc.body()))
+    yield ServerSentEvent("[DONE]")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           ctx: AppContext = Depends(get_ctx)) -> Response:
+    """OpenAI chat completions for one conversation."""
+    spec = body.to_spec(ctx.settings, chat_renderer(body.message_dicts()))
+    generation = Generation.start(ctx.holder, spec, timeout=ctx.settings.request_timeout, metrics=ctx.metrics,
+                                  retry_after=ctx.settings.retry_after)
+    request.state.generation = generation
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_chunks(generation, include_usage), ping=ctx.settings.sse_ping)
+    result = await wait_or_cancel(generation, watch_disconnect(request))
+    if result is None:
+        return Response(status_code=499)
+    message = {"role": "assistant", "content": result.text}
+    return JSONResponse({
+        **_head(generation, int(time.time()), chunk=False),
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": openai_finish_reason(result.finish_reason)}],
+        "usage": result.usage(),
+    })

@@ -1,0 +1,1 @@
+"""pocketgpt's benchmark suite: `python -m bench` (see bench/run.py)."""

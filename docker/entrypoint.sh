@@ -1,0 +1,121 @@
+#!/bin/sh
+# pocketgpt entrypoint: the Docker image's ENTRYPOINT and what `make serve` runs on the host.
+#
+#   1. When the checkpoint to serve does not exist yet, train the starter model on the built-in corpus
+#      (once; a few minutes on CPU, capped by POCKETGPT_STARTER_MAX_TIME). Later starts skip this.
+#   2. exec the server (so it is the process that receives SIGTERM/SIGINT), configured by the
+#      POCKETGPT_* environment, which it reads itself.
+#
+# Environment (all optional):
+#   POCKETGPT_CHECKPOINT_DIR     checkpoint root (default ./checkpoints; /var/lib/pocketgpt/checkpoints in the image)
+#   POCKETGPT_CHECKPOINT         checkpoint to serve (default: the starter, $POCKETGPT_CHECKPOINT_DIR/starter/best);
+#                                one named explicitly must exist: only the starter is trained here
+#   POCKETGPT_BOOTSTRAP          1 (default): train the starter when it is missing; 0: fail instead
+#   POCKETGPT_STARTER_DATA       corpus of the starter model (default: stdlib, the Python standard library)
+#   POCKETGPT_STARTER_MAX_STEPS  optimizer steps (default: 900 on CPU, 2000 on a GPU)
+#   POCKETGPT_STARTER_MAX_TIME   hard cap on the starter's training, seconds (default: 300 on CPU, 600 on a GPU)
+#   POCKETGPT_STARTER_ARGS       model and optimizer flags of `python -m training train` for the starter,
+#                                replacing the defaults below (given last, so they win over any flag here)
+#   POCKETGPT_DEVICE             auto (default), cpu, cuda, ...: used for training and serving
+#   POCKETGPT_HOST, POCKETGPT_PORT, POCKETGPT_API_KEYS, ...: read by the server (see app/settings.py)
+#   POCKETGPT_PYTHON             interpreter that has pocketgpt installed (default python3, found on PATH:
+#                                the image's venv, or .venv/bin when `make serve` runs this)
+set -eu
+
+log() {
+    printf 'pocketgpt: %s\n' "$*" >&2
+}
+
+PY="${POCKETGPT_PYTHON:-python3}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+    log "no Python interpreter '$PY': set POCKETGPT_PYTHON, or run 'make serve' (it creates .venv)"
+    exit 2
+fi
+if ! "$PY" -c 'import app.cli, training' >/dev/null 2>&1; then
+    log "'$PY' cannot import pocketgpt: run 'make serve' (it installs into .venv) or set POCKETGPT_PYTHON"
+    exit 2
+fi
+
+CKPT_DIR="${POCKETGPT_CHECKPOINT_DIR:-./checkpoints}"
+STARTER_RUN="$CKPT_DIR/starter"
+STARTER="$STARTER_RUN/best"
+CKPT="${POCKETGPT_CHECKPOINT:-$STARTER}"
+
+is_checkpoint() {  # a directory holding a config and weights (or the .NAME.old a crashed save leaves)
+    [ -f "$1/config.json" ] && [ -f "$1/model.safetensors" ] && return 0
+    old="$(dirname "$1")/.$(basename "$1").old"
+    [ -f "$old/config.json" ] && [ -f "$old/model.safetensors" ]
+}
+
+train_starter() {
+    # Train into a hidden partial run dir and rename it into place only on success, so an interrupted
+    # first run is never mistaken for a finished one: the next start trains again.
+    partial="$CKPT_DIR/.starter.partial"
+    device="${POCKETGPT_DEVICE:-auto}"
+    if [ "$device" = auto ]; then
+        device="$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"
+    fi
+    # The starter: chosen so that the first run takes a few minutes on 2 CPU cores (README, "Quick start").
+    case "$device" in
+        cuda*) steps="${POCKETGPT_STARTER_MAX_STEPS:-2000}"; max_time="${POCKETGPT_STARTER_MAX_TIME:-600}"
+               args="${POCKETGPT_STARTER_ARGS:---preset small --batch-size 32}" ;;
+        *)     steps="${POCKETGPT_STARTER_MAX_STEPS:-900}"; max_time="${POCKETGPT_STARTER_MAX_TIME:-300}"
+               args="${POCKETGPT_STARTER_ARGS:---preset small --n-embd 128 --tokenizer-vocab 4096 --batch-size 8 --lr 3e-3 --warmup-steps 50}" ;;
+    esac
+    log "no checkpoint at $CKPT: training the starter model on '${POCKETGPT_STARTER_DATA:-stdlib}'" \
+        "($steps steps at most, ${max_time}s at most, on $device)"
+    mkdir -p "$CKPT_DIR"
+    rm -rf "$partial"
+    # $args is split into words on purpose.
+    # shellcheck disable=SC2086
+    "$PY" -m training train \
+        --data "${POCKETGPT_STARTER_DATA:-stdlib}" \
+        --device "$device" \
+        --max-steps "$steps" \
+        --max-time "$max_time" \
+        --eval-every "$(( steps / 4 > 0 ? steps / 4 : 1 ))" \
+        --out "$partial" \
+        $args
+    if ! is_checkpoint "$partial/best"; then
+        log "training finished without a checkpoint in $partial/best"
+        exit 1
+    fi
+    rm -rf "$STARTER_RUN"
+    mv "$partial" "$STARTER_RUN"
+    log "starter model saved in $STARTER"
+}
+
+if ! is_checkpoint "$CKPT"; then
+    if [ -n "${POCKETGPT_CHECKPOINT:-}" ] && [ "$CKPT" != "$STARTER" ]; then
+        log "POCKETGPT_CHECKPOINT=$CKPT is not a checkpoint directory (no config.json + model.safetensors)"
+        exit 2
+    fi
+    if [ "${POCKETGPT_BOOTSTRAP:-1}" = 0 ]; then
+        log "no checkpoint at $CKPT and POCKETGPT_BOOTSTRAP=0: not training one"
+        exit 2
+    fi
+    train_starter
+else
+    log "serving the existing checkpoint $CKPT"
+fi
+
+# The line to try, for a person watching the terminal (tokens stay secret: only their names are shown).
+# The prompt ends in a word, not a space: a trailing space is a token of its own that the BPE tokenizer
+# never produces before a word in training text, so "def " continues worse than "def __init__(self".
+port="${POCKETGPT_PORT:-8000}"
+host="${POCKETGPT_HOST:-127.0.0.1}"
+case "$host" in
+    0.0.0.0 | :: | "") url_host=127.0.0.1 ;;
+    *:*) url_host="[$host]" ;;
+    *) url_host="$host" ;;
+esac
+auth=""
+[ -n "${POCKETGPT_API_KEYS:-}" ] && auth=" -H \"Authorization: Bearer \$POCKETGPT_API_KEY\""
+log "starting the server on port $port; once it is up, try:"
+printf '\n  curl -N http://%s:%s/v1/generate%s -H "Content-Type: application/json" \\\n' \
+    "$url_host" "$port" "$auth" >&2
+printf '       -d '\''{"prompt": "def __init__(self", "max_new_tokens": 100, "temperature": 0.3, "stream": true}'\''\n' >&2
+printf '\n  or: scripts/stream.sh -t 0.3 "def __init__(self"   (see scripts/*.sh -h)\n\n' >&2
+
+export POCKETGPT_CHECKPOINT="$CKPT"
+exec "$PY" -m app.cli serve

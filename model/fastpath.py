@@ -1,0 +1,95 @@
+"""GPT's cached forward with the module tree flattened away: the serving hot path.
+
+A decode step of a small model is ~100 tiny operations; on a CPU the Python around them (nn.Module calls,
+attribute lookups, no-op dropouts) costs as much as a fifth of the step. `FlatForward` reads the same
+parameter tensors as the modules (no copies) into plain tuples once and runs exactly the operations of
+`GPT._run` in the same order, so its outputs are bitwise equal to the module path; tests check that for
+every layout switch. `GPT.forward_cached` uses it once `GPT.inference_layout()` has prepared the model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.kv_cache import CacheBatch, StaticBatch
+
+if TYPE_CHECKING:
+    from model.gpt import GPT
+
+
+def _norm(module: nn.Module) -> tuple:
+    """(weight, bias or None, eps, is_layernorm) of an nn.LayerNorm or nn.RMSNorm."""
+    if isinstance(module, nn.LayerNorm):
+        return module.weight, module.bias, module.eps, True
+    return module.weight, None, module.eps, False
+
+
+def _apply_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+    """F.layer_norm / F.rms_norm without their Python wrappers (the same kernels)."""
+    weight, bias, eps, layernorm = norm
+    if layernorm:
+        return torch.layer_norm(x, weight.shape, weight, bias, eps)
+    return torch.rms_norm(x, weight.shape, weight, eps)
+
+
+class FlatForward:
+    """The inference forward of `model` over a KV cache, as straight-line tensor code."""
+
+    def __init__(self, model: GPT) -> None:
+        cfg = model.config
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.swiglu = cfg.mlp == "swiglu"
+        self.layers = []
+        for block in model.h:
+            attn, mlp = block.attn, block.mlp
+            gate = (mlp.c_gate.weight, mlp.c_gate.bias) if self.swiglu else None
+            self.layers.append((
+                _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
+                _norm(block.ln_2), gate, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+            ))
+        self.wte = model.wte.weight
+        self.wpe = model.wpe.weight if model.wpe is not None else None
+        self.rope = (model.rope_cos, model.rope_sin) if model.wpe is None else None
+        self.ln_f = _norm(model.ln_f)
+        self.lm_head = model.lm_head.weight
+
+    def hidden(self, idx: torch.Tensor, batch: CacheBatch | StaticBatch) -> torch.Tensor:
+        """Hidden states after the final norm for (B, C) tokens `idx`: `GPT._run` without the modules."""
+        from model.gpt import apply_rope  # a cycle at import time otherwise
+
+        B, T = idx.shape
+        H, D = self.n_head, self.head_dim
+        C = H * D
+        positions = batch.positions
+        x = F.embedding(idx, self.wte)
+        rope = None
+        if self.wpe is not None:
+            x = x + F.embedding(positions, self.wpe)
+        else:
+            rope = (self.rope[0][positions].unsqueeze(1), self.rope[1][positions].unsqueeze(1))
+        for layer, (ln_1, w_attn, b_attn, w_proj, b_proj, ln_2, gate, w_fc, b_fc, w_out, b_out) in enumerate(
+            self.layers
+        ):
+            # The views split().view().transpose() makes, in one call: each of q, k, v is (B, H, T, D).
+            q, k, v = F.linear(_apply_norm(x, ln_1), w_attn, b_attn).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            k, v = batch.update(layer, k, v)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, is_causal=batch.is_causal)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), w_proj, b_proj)
+            h = _apply_norm(x, ln_2)
+            if gate is not None:
+                h = F.silu(F.linear(h, *gate)) * F.linear(h, w_fc, b_fc)
+            else:
+                h = F.gelu(F.linear(h, w_fc, b_fc), approximate="tanh")
+            x = x + F.linear(h, w_out, b_out)
+        return _apply_norm(x, self.ln_f)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.lm_head)

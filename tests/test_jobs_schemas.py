@@ -1,0 +1,41 @@
+"""The job request schema: it stays a subset of the trainer's TrainConfig and maps onto its flags."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.jobs.schemas import TRAINING_FIELDS, ConfigProblem, JobRequest, ModelOverrides
+from training.config import MODEL_FIELDS, TrainConfig
+
+
+def test_request_fields_exist_in_the_trainer_config() -> None:
+    assert set(TRAINING_FIELDS) <= set(TrainConfig.model_fields)
+    assert set(ModelOverrides.model_fields) == set(MODEL_FIELDS)
+    passed_elsewhere = {"data", "model", "init_from", "name", "serve_when_done"}
+    assert set(JobRequest.model_fields) == set(TRAINING_FIELDS) | passed_elsewhere
+
+
+def test_trainer_args_use_the_trainer_flags() -> None:
+    req = JobRequest(data="stdlib", preset="tiny", max_steps=40, lr=0.002, model={"block_size": 64}, compile=False)
+    args = req.trainer_args(["/data/a.txt", "stdlib"], init_from="/ckpt/job-1/best")
+    assert args[:3] == ["--data", "/data/a.txt", "stdlib"]
+    line = " ".join(args)
+    for part in ["--preset tiny", "--max-steps 40", "--lr 0.002", "--block-size 64",
+                 "--init-from /ckpt/job-1/best", "--no-compile"]:
+        assert part in line
+    assert "--out" not in args
+    assert req.data == ["stdlib"]  # one source is a list of one
+
+
+def test_bad_combinations_name_their_field() -> None:
+    with pytest.raises(ConfigProblem) as e:
+        JobRequest(data="stdlib", lr=0.001, min_lr=0.01).trainer_args(["stdlib"], None)
+    assert e.value.param == "min_lr"
+    with pytest.raises(ConfigProblem) as e:
+        JobRequest(data="stdlib", model={"n_embd": 64, "n_head": 3}).trainer_args(["stdlib"], None)
+    assert e.value.param == "model"
+    with pytest.raises(ValidationError):
+        JobRequest(data="stdlib", device="tpu")
+    with pytest.raises(ValidationError):
+        JobRequest(data=["stdlib"] * 33)

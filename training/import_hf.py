@@ -1,0 +1,127 @@
+"""`python -m training import-hf DIR --out CHECKPOINT`: a local Hugging Face GPT-2 model -> pocketgpt checkpoint.
+
+DIR is a model folder on disk as `save_pretrained` writes it (nothing is downloaded):
+
+    config.json                              model_type "gpt2"
+    model.safetensors                        or sharded: model.safetensors.index.json + its shards
+    tokenizer.json, or vocab.json + merges.txt
+
+A folder with only `pytorch_model.bin` (pickle) is refused: unpickling can run code hidden in the file.
+`--allow-pickle` loads it anyway with torch.load(weights_only=True), which only rebuilds tensors and plain
+containers; prefer converting such a model to safetensors.
+
+The checkpoint then serves (`pocketgpt serve --checkpoint CHECKPOINT`) and fine-tunes
+(`pocketgpt train --task sft --init-from CHECKPOINT --data pairs.jsonl`) like any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.errors import UserError
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class HFFiles:
+    """The files of a model folder that the import reads."""
+
+    config: Path
+    weights: list[Path]
+    pickle: bool
+    tokenizer_json: Path | None
+    vocab_merges: tuple[Path, Path] | None
+
+
+def _weight_files(root: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    if (root / SAFETENSORS).is_file():
+        return [root / SAFETENSORS], False
+    if (root / SAFETENSORS_INDEX).is_file():
+        from training.hf_convert import read_json
+
+        weight_map = read_json(root / SAFETENSORS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{root / SAFETENSORS_INDEX} has no weight_map")
+        shards = [root / name for name in sorted(set(weight_map.values()))]
+        absent = [str(s) for s in shards if not s.is_file()]
+        if absent:
+            raise UserError(f"missing weight shard(s) named by {SAFETENSORS_INDEX}: {', '.join(absent)}")
+        return shards, False
+    if (root / PICKLE).is_file():
+        if not allow_pickle:
+            raise UserError(
+                f"{root} has only pickle weights ({PICKLE}), and loading a pickle can run arbitrary code hidden "
+                f"in the file, so it is refused. Convert the model to {SAFETENSORS} (transformers: "
+                "save_pretrained(dir, safe_serialization=True)), or, if you trust its origin, pass "
+                "--allow-pickle to load it with torch.load(weights_only=True), which only accepts tensors"
+            )
+        return [root / PICKLE], True
+    raise UserError(f"{root} has no weights: expected {SAFETENSORS} (or {SAFETENSORS_INDEX} and its shards)")
+
+
+def find_files(root: Path, allow_pickle: bool = False) -> HFFiles:
+    """Locate config, weights and tokenizer in `root`; a UserError names whatever is missing or refused."""
+    if not root.is_dir():
+        raise UserError(f"model directory not found: {root}")
+    if not (root / "config.json").is_file():
+        raise UserError(f"{root} has no config.json: not a Hugging Face model directory")
+    weights, pickle = _weight_files(root, allow_pickle)
+    tokenizer_json = root / "tokenizer.json" if (root / "tokenizer.json").is_file() else None
+    vocab, merges = root / "vocab.json", root / "merges.txt"
+    vocab_merges = (vocab, merges) if vocab.is_file() and merges.is_file() else None
+    if tokenizer_json is None and vocab_merges is None:
+        raise UserError(f"{root} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
+    return HFFiles(root / "config.json", weights, pickle, tokenizer_json, vocab_merges)
+
+
+def import_hf(src: str | Path, out: str | Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
+    """Convert the GPT-2-format model in `src` into a checkpoint directory `out`; returns its path."""
+    from model.checkpoint import save_checkpoint
+    from model.gpt import GPT
+    from training.hf_convert import gpt2_model_config, gpt2_state_dict, gpt2_tokenizer, read_json, read_weights
+
+    root, target = Path(src), Path(out)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists: choose another --out or pass --overwrite")
+    files = find_files(root, allow_pickle)
+    config = gpt2_model_config(read_json(files.config), str(files.config))
+    tokenizer = gpt2_tokenizer(files.tokenizer_json, files.vocab_merges)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
+                        f"{config.vocab_size}")
+    model = GPT(config)
+    model.load_state_dict(gpt2_state_dict(read_weights(files.weights, files.pickle), model))
+    meta = {
+        "kind": "import", "step": 0, "tokens_seen": 0,
+        "source": {
+            "format": "huggingface-gpt2", "path": str(root.resolve()),
+            "weights": [f.name for f in files.weights],
+            "tokenizer": "tokenizer.json" if files.tokenizer_json else "vocab.json+merges.txt",
+        },
+    }
+    return save_checkpoint(target, model, tokenizer, meta)
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="DIR", help="local Hugging Face GPT-2 model directory")
+    p.add_argument("--out", required=True, metavar="CHECKPOINT", help="checkpoint directory to write")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help=f"accept {PICKLE} (loaded with torch.load(weights_only=True)) when no safetensors exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+
+
+def cmd_import_hf(ns: argparse.Namespace) -> int:
+    path = import_hf(ns.source, ns.out, allow_pickle=ns.allow_pickle, overwrite=ns.overwrite)
+    from model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)  # read back: proves the checkpoint is whole and loadable
+    c = ckpt.config
+    print(f"{path}: {ckpt.model.num_params():,} parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
+          f"context {c.block_size}, vocab {c.vocab_size}; tokenizer {ckpt.tokenizer.vocab_size} tokens, "
+          f"end-of-text id {ckpt.tokenizer.eot_id})", file=sys.stdout)
+    return 0
