@@ -111,7 +111,12 @@ class Generation:
             engine = holder.current
             if engine is None:
                 raise APIError(503, "the model is not loaded yet", code="model_not_ready")
-            ids, stop_ids = spec.render(engine) if spec.render else (engine.tokenizer.encode(spec.prompt), ())
+            heal = b""
+            if spec.render:
+                ids, stop_ids = spec.render(engine)
+            else:
+                ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt))
+                stop_ids = ()
             n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
             if spec.clip_to_context and n < limit:
                 m = min(m, limit - n)
@@ -120,7 +125,7 @@ class Generation:
                     422, f"prompt is {n} tokens and {spec.max_tokens_param} is {m}: {n + m} tokens exceed the "
                     f"model's context length of {limit}", param="prompt" if n >= limit else spec.max_tokens_param,
                     code="context_length_exceeded")
-            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids)
+            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids, heal=heal)
             try:
                 ticket = engine.submit(request)
             except EngineClosed:

@@ -14,6 +14,9 @@ from model.chat import ROLES as CHAT_ROLES
 from model.sampling import SamplingParams
 
 MAX_SEED = 2**63 - 1
+# A k beyond the vocabulary keeps every token; the bound only refuses numbers the sampler cannot hold (an
+# unbounded int overflowed torch's int64 and failed the whole decode batch with a 500).
+MAX_TOP_K = 1_000_000
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 StopList = Annotated[list[StopString], Field(max_length=4)]
 
@@ -44,7 +47,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, description="text to continue")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most (server bound applies)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="keep the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description=">1 discourages seen tokens")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -99,7 +102,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(0, ge=0)
+    top_k: int | None = Field(0, ge=0, le=MAX_TOP_K)
     repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -197,7 +200,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(0, ge=0)
+    top_k: int | None = Field(0, ge=0, le=MAX_TOP_K)
     repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)

@@ -130,7 +130,7 @@ class GPT(nn.Module):
         return n
 
     def prepare_inference(self, transpose_weights: bool | None = None) -> GPT:
-        """Get a model that only serves ready for fast cached decoding; returns the model.
+        """Make a model that only serves ready for fast cached decoding; returns the model.
 
         `forward_cached` then runs `FlatForward` (the same operations without the module calls, bitwise
         equal). With `transpose_weights` (default: on CPU) every Linear weight is also stored as the transpose
@@ -186,7 +186,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.inference_mode()
     def forward_cached(
         self, idx: torch.Tensor, cache: KVCache, slots: list[int], starts: list[int], last_only: bool = True,
         lengths: list[int] | None = None,

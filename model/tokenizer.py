@@ -109,6 +109,24 @@ class Tokenizer:
         """Number of ids, special tokens included (the model's embedding size must cover it)."""
         return len(self._table)
 
+    def heal_prompt(self, ids: list[int]) -> tuple[list[int], bytes]:
+        """Token healing: drop a trailing whitespace-only token and return it as a prefix to regenerate.
+
+        BPE puts a space before a word in the same token (" name"), so a prompt ending in a lone " " token
+        ("def ") sits in a state the model hardly saw in training. Dropping that token and requiring the first
+        generated token to start with its bytes lets the model pick " name" itself.
+        """
+        if len(ids) < 2 or not 0 <= ids[-1] < len(self._table):
+            return ids, b""
+        tail = self._table[ids[-1]]
+        if not tail or tail.strip():
+            return ids, b""
+        return ids[:-1], tail
+
+    def ids_with_prefix(self, prefix: bytes) -> list[int]:
+        """Ids of the (non-special) tokens whose bytes start with `prefix`."""
+        return [i for i, b in enumerate(self._table) if b.startswith(prefix) and b]
+
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Encode text to ids. A literal "<|endoftext|>" becomes `eot_id` unless `allow_special` is False,
         in which case special-token strings are encoded as the plain text they are (for untrusted content,
@@ -168,7 +186,11 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly "")."""
-        return self._decoder.decode(self._tokenizer.token_bytes(token_id), final=False)
+        return self.push_bytes(self._tokenizer.token_bytes(token_id))
+
+    def push_bytes(self, data: bytes) -> str:
+        """Add raw bytes (part of a token); return the newly completed text."""
+        return self._decoder.decode(data, final=False)
 
     def flush(self) -> str:
         """End of stream: return held-back bytes (an incomplete char becomes U+FFFD), then reset."""

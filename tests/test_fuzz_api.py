@@ -6,10 +6,12 @@ every 4xx/5xx is the one error envelope; SSE bodies parse and end properly. Prot
 the right token and without one (and with the wrong kind of token): without it the answer is 401, whatever the
 body, so nothing is reachable unauthenticated.
 
-Cases per operation: FUZZ_EXAMPLES (positive, schema-valid data), half that of negative (schema-violating) data
-with the right token, and a few per wrong-token variant. Reproduce with more cases:
+Cases per operation: POCKETGPT_FUZZ_EXAMPLES (default 12) of schema-valid data and half that of schema-violating
+data with the right token, a quarter of it per wrong-token variant, and up to POCKETGPT_FUZZ_COVERAGE (default 40)
+of schemathesis's coverage cases (boundary values, missing fields, wrong types, unexpected methods). The default
+run is derandomized, so CI sees the same ~830 cases each time; `-s` prints the tally. A bigger, random run:
 
-    POCKETGPT_FUZZ_EXAMPLES=200 POCKETGPT_FUZZ_RANDOM=1 pytest tests/test_fuzz_api.py -q
+    POCKETGPT_FUZZ_EXAMPLES=200 POCKETGPT_FUZZ_COVERAGE=1000 POCKETGPT_FUZZ_RANDOM=1 pytest tests/test_fuzz_api.py -s
 """
 
 from __future__ import annotations

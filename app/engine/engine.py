@@ -89,6 +89,7 @@ class Engine:
         self.step_delay = step_delay  # a test and benchmark hook: emulate a slower model
         self.eot_id = self.tokenizer.eot_id
         self._text_vocab = self.tokenizer.vocab_size  # ids beyond it (a padded embedding) are never sampled
+        self._heal_masks: dict[bytes, torch.Tensor] = {}  # token-healing prefix -> allowed first tokens
 
         self.cache = KVCache.for_model(self.model, n_slots=max_running)
         # Decode steps from CUDA graphs on a GPU (default); on a CPU the same static step runs eagerly when asked
@@ -224,7 +225,7 @@ class Engine:
                 req = ticket.request
                 self.scheduler.add(Sequence(
                     ticket=ticket,
-                    text=TextStream(self.tokenizer, req.stop),
+                    text=TextStream(self.tokenizer, req.stop, skip=req.heal),
                     generator=make_generator(req.seed),
                     deadline=submitted + req.timeout if req.timeout else None,
                     submitted=submitted,
@@ -274,6 +275,9 @@ class Engine:
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self._text_vocab < logits.size(1):
             logits[:, self._text_vocab :] = float("-inf")
+        for i, seq in enumerate(rows):
+            if seq.generated == 0 and seq.request.heal:
+                logits[i].masked_fill_(~self._heal_mask(seq.request.heal), float("-inf"))
         params = [s.request.params for s in rows]
         penalized = any(p.penalized for p in params)
         counts = mask = slots = None
@@ -289,6 +293,15 @@ class Engine:
             self.metrics.batch_size.observe(len(rows))
         for seq, token in zip(rows, tokens.tolist(), strict=True):  # the one host sync of the step
             self._advance(seq, token, now)
+
+    def _heal_mask(self, prefix: bytes) -> torch.Tensor:
+        """Boolean (vocab,) mask of the tokens that may follow a healed prompt; built once per prefix."""
+        mask = self._heal_masks.get(prefix)
+        if mask is None:
+            mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
+            mask[torch.tensor(self.tokenizer.ids_with_prefix(prefix), dtype=torch.long, device=self.device)] = True
+            self._heal_masks[prefix] = mask
+        return mask
 
     def _prefill(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """Run the planned prompt chunks; return (sequence, last-token logits) for prompts now complete.

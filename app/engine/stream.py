@@ -55,16 +55,20 @@ class StopHolder:
 class TextStream:
     """Token ids in, releasable text out: UTF-8 holding (StreamDecoder) followed by stop-string holding."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] | list[str] = (), skip: bytes = b"") -> None:
+        self._tokenizer = tokenizer
         self._decoder = StreamDecoder(tokenizer)
         self._stops = StopHolder(stop)
         self._vocab = tokenizer.vocab_size
+        self._skip = skip  # token healing: the prompt already holds these bytes of the first token
 
     def push(self, token_id: int) -> tuple[str, str | None]:
         """Add one token; return (text to release now, matched stop string or None)."""
         # Ids past the tokenizer (a padded embedding table) carry no text.
-        piece = self._decoder.push(token_id) if 0 <= token_id < self._vocab else ""
-        return self._stops.push(piece)
+        data = self._tokenizer.token_bytes(token_id) if 0 <= token_id < self._vocab else b""
+        if self._skip:
+            data, self._skip = data.removeprefix(self._skip), b""
+        return self._stops.push(self._decoder.push_bytes(data))
 
     def finish(self) -> tuple[str, str | None]:
         """End of generation: release held bytes (an incomplete character becomes U+FFFD) and held text."""

@@ -31,6 +31,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     timeout: float | None = None  # seconds from submission; None: no limit
     stop_ids: tuple[int, ...] = ()  # tokens that end the output like end-of-text (a chat turn's end marker)
+    heal: bytes = b""  # token healing: the first generated token must start with these bytes (cut from the prompt)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
