@@ -125,15 +125,17 @@ def thread_probe(repeats: int = 5, n: int = 2000) -> dict[str, Any]:
 
 
 # -- machine ---------------------------------------------------------------------------------------
-def memory_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+def memory_bandwidth(mib: int = 256, repeats: int = 7, device: str = "cpu") -> float:
     """Copy bandwidth in GB/s (bytes read + bytes written per second) of a `mib` MiB tensor copy."""
-    src = torch.ones(mib * 2**20 // 4)
+    src = torch.ones(mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
     for _ in range(repeats):
+        cuda_sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        cuda_sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 

@@ -28,6 +28,11 @@ from model.sampling import SamplingParams
 PROMPT_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
 
 
+def timing_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU; bf16 on a GPU (what the server runs there), for every side alike."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
 def prompt_ids(tokenizer, n: int = 16) -> list[int]:
     ids = tokenizer.encode(PROMPT_TEXT * 4)[:n]
     assert len(ids) == n, "prompt text too short for the tokenizer"
@@ -69,7 +74,8 @@ def http_rate(server: Server, prompt_text: str, n: int) -> float:
 
 def run(checkpoint: Path, server: Server | None, n: int, rounds: int, device: str, naive_n: int,
         with_hf: bool = True) -> dict[str, Any]:
-    ck = load_checkpoint(checkpoint, device=device)
+    dtype = timing_dtype(device)
+    ck = load_checkpoint(checkpoint, device=device)  # fp32 first: the logits check below is made in fp32
     model = ck.model  # module path, default layout: what the naive loop and transformers get
     cfg = ck.config
     prompt = prompt_ids(ck.tokenizer)
@@ -89,9 +95,12 @@ def run(checkpoint: Path, server: Server | None, n: int, rounds: int, device: st
             out["transformers_logits_max_abs_diff"] = diff
             if diff > 1e-4:
                 raise RuntimeError(f"transformers' logits differ from ours by {diff:g} (> 1e-4): weight mapping broken")
+            hf = hf.to(dtype)
+    model = model.to(dtype)
+    out["dtype"] = str(dtype).removeprefix("torch.")
 
     bare = BareDecoder(model, 1, len(prompt) + n, )
-    engine = Engine(load_checkpoint(checkpoint, device=device), max_running=16, max_queue=16).start()
+    engine = Engine(load_checkpoint(checkpoint, device=device, dtype=dtype), max_running=16, max_queue=16).start()
     fast = copy.deepcopy(model).prepare_inference()  # what the engine runs, for the token check below
 
     def t_n_minus_1(gen, k: int) -> float:
@@ -133,7 +142,7 @@ def run(checkpoint: Path, server: Server | None, n: int, rounds: int, device: st
     agree["flat_path"] = in_worker(lambda: _cached_greedy(fast, prompt, n))
     out["tokens_agree_with_bare"] = {k: _prefix_agreement(v, ref) for k, v in agree.items()}
 
-    bw = memory_bandwidth() if device == "cpu" else None
+    bw = memory_bandwidth(device=device)
     wbytes = weight_bytes_per_step(model)
     kv_bytes = 2 * cfg.n_layer * cfg.n_embd * (len(prompt) + n // 2) * model.wte.weight.element_size()
     out["floor"] = {
@@ -148,12 +157,13 @@ def _cached_greedy(model, prompt: list[int], n: int) -> list[int]:
     from model.kv_cache import KVCache
 
     cache = KVCache.for_model(model, 1, len(prompt) + n)
-    logits = model.forward_cached(torch.tensor([prompt]), cache, [0], [0])
+    dev = cache.k.device
+    logits = model.forward_cached(torch.tensor([prompt], device=dev), cache, [0], [0])
     out = []
     for i in range(n):
         out.append(int(logits.argmax(-1)))
         if i < n - 1:
-            logits = model.forward_cached(torch.tensor([[out[-1]]]), cache, [0], [len(prompt) + i])
+            logits = model.forward_cached(torch.tensor([[out[-1]]], device=dev), cache, [0], [len(prompt) + i])
     return out
 
 

@@ -83,11 +83,22 @@ def write(results: dict[str, Any], markdown: Path, plots: Path, json_path: Path)
         f"Load average at the start: {', '.join(f'{x:.1f}' for x in m['load_average'])}"
         " (other processes share these cores: figures move from run to run, ratios much less).",
         "",
-        f"Every figure is the **median (min–max) over {results['rounds']} rounds**; within a round the sides of a "
-        "comparison are measured one right after the other, and ratios are taken round by round. Raw figures: "
-        f"[{_rel(json_path, md_dir)}]({_rel(json_path, md_dir)}). Reproduce with `python -m bench` (`--quick` for a "
-        "smoke run, `--device cuda` on a GPU).",
+        f"Every figure is the **median (min–max) over rounds** ({results['rounds']} for decode, "
+        f"{results.get('serve_rounds', results['rounds'])} for serving, 3 for training speed); within a round the "
+        "sides of a comparison are measured one right after the other, and ratios are taken round by round. "
+        f"Raw figures: [{_rel(json_path, md_dir)}]({_rel(json_path, md_dir)}). Reproduce with `python -m bench` "
+        "(`--quick` for a smoke run, `--device cuda` on a GPU).",
         "",
+    ]
+    probe = results.get("thread_probe")
+    if probe:
+        lines += [
+            f"Thread kind: a 1×384 by 384×1152 product took {fmt(probe['main_thread_us'], 1)} µs on the main thread "
+            f"and {fmt(probe['worker_thread_us'], 1)} µs on a worker thread; every in-process side runs on a worker "
+            "thread (the engine on its own decode thread) so none gets a different OpenMP team.",
+            "",
+        ]
+    lines += [
         "## Targets",
         "",
         "| target | measured | verdict |",

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "rounds": args.rounds,
+        "serve_rounds": args.serve_rounds,
         "machine": machine_info(args.threads, args.device), "sections": {},
     }
     t_start = time.perf_counter()
@@ -102,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             if "serve" in args.only:
                 print("== serve: concurrent HTTP streams", flush=True)
                 results["sections"]["serve"] = serve.run(checkpoint, server, args.levels, args.new_tokens,
-                                                         args.serve_rounds)
+                                                         args.serve_rounds, device=args.device)
     if "train" in args.only:
         print("== train", flush=True)
         results["sections"]["train"] = train.run(args.work / "train", args.train_seconds, args.threads,
-                                                 quick=args.quick)
+                                                 quick=args.quick, device=args.device)
     results["elapsed_s"] = time.perf_counter() - t_start
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")

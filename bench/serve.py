@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bench.client import Server, StreamResult
-from bench.common import CORPUS, SHAKESPEARE, in_worker, pct, summary
+from bench.common import CORPUS, SHAKESPEARE, cuda_sync, in_worker, pct, summary
 from bench.peers import BareDecoder
 from model.checkpoint import load_checkpoint
 
@@ -60,10 +60,14 @@ def level_figures(results: list[StreamResult], wall: float) -> dict[str, Any]:
 
 def bare_rate(bare: BareDecoder, prompt: torch.Tensor, n: int) -> float:
     """Decode tokens/s of c rows in lockstep: c * (n - 1) tokens over T(n) - T(1), prefill left out."""
+    device = str(prompt.device)
+    cuda_sync(device)
     t0 = time.perf_counter()
     bare.generate(prompt, 1)
+    cuda_sync(device)
     t1 = time.perf_counter()
     bare.generate(prompt, n)
+    cuda_sync(device)
     t2 = time.perf_counter()
     return prompt.size(0) * (n - 1) / ((t2 - t1) - (t1 - t0))
 
@@ -110,13 +114,13 @@ async def _interference(server: Server, streams: int, n: int, prompt: str | None
 
 
 def run(checkpoint: Path, server: Server, levels: list[int], n: int, rounds: int,
-        interference_streams: int = 16) -> dict[str, Any]:
-    ck = load_checkpoint(checkpoint)
+        interference_streams: int = 16, device: str = "cpu") -> dict[str, Any]:
+    ck = load_checkpoint(checkpoint, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
     model = ck.model
     prompt_len = 8
     bares = {c: BareDecoder(model, c, prompt_len + n) for c in levels}
     prompts = {c: torch.randint(0, ck.config.vocab_size, (c, prompt_len), generator=torch.Generator().manual_seed(c))
-               for c in levels}
+               .to(device) for c in levels}
     asyncio.run(_level(server, 2, 8))  # warm-up
     per_level: dict[int, dict[str, list]] = {c: {"http": [], "bare": []} for c in levels}
     for _ in range(rounds):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import ROOT, SHAKESPEARE, summary, thread_env
+from bench.common import ROOT, SHAKESPEARE, cuda_sync, summary, thread_env
 from model.config import ModelConfig
 from model.gpt import GPT
 
@@ -49,15 +49,19 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, block: int) -> flo
     return 6 * n_params + 12 * n_layer * block * n_embd
 
 
-def matmul_peak(threads: int, n: int = 1024, repeats: int = 5) -> float:
-    """Measured fp32 GEMM FLOP/s at `threads` threads: the denominator of MFU on a CPU."""
+def matmul_peak(threads: int, n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured fp32 GEMM FLOP/s at `threads` threads (or on the GPU): the denominator of MFU."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if device.startswith("cuda"):
+        n *= 8
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = 0.0
     for _ in range(repeats):
+        cuda_sync(device)
         t0 = time.perf_counter()
         a @ b
+        cuda_sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
 
@@ -72,8 +76,9 @@ def bits_per_byte(model: GPT, ids: list[int], n_bytes: int, batch: int = 32) -> 
     for i in range(0, len(windows), batch):
         chunk = windows[i : i + batch]
         width = max(len(w) for w in chunk)
-        x = torch.tensor([w[:-1] + [0] * (width - len(w)) for w in chunk])
-        y = torch.tensor([w[1:] + [-1] * (width - len(w)) for w in chunk])
+        dev = model.wte.weight.device
+        x = torch.tensor([w[:-1] + [0] * (width - len(w)) for w in chunk], device=dev)
+        y = torch.tensor([w[1:] + [-1] * (width - len(w)) for w in chunk], device=dev)
         logits, _ = model(x)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum"))
     return total / math.log(2) / n_bytes
@@ -86,20 +91,20 @@ def split(text: str) -> tuple[str, str]:
 
 # -- the nanoGPT-style reference ----------------------------------------------------------------------
 def nanogpt_reference(seconds: float, threads: int, max_steps: int = 2000, eval_every: int = 100,
-                      eval_batches: int = 20, seed: int = 1337) -> dict[str, Any]:
+                      eval_batches: int = 20, seed: int = 1337, device: str = "cpu") -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     text = SHAKESPEARE.read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     train_text, val_text = split(text)
-    train = torch.tensor([stoi[c] for c in train_text])
+    train = torch.tensor([stoi[c] for c in train_text], device=device)
     val_ids = [stoi[c] for c in val_text]
-    val = torch.tensor(val_ids)
+    val = torch.tensor(val_ids, device=device)
     block, bsz = SHAPE["block_size"], SHAPE["batch_size"]
     cfg = ModelConfig(vocab_size=len(chars), n_layer=4, n_head=4, n_embd=128, block_size=block, dropout=0.0,
                       positions="learned", norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True)
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -107,7 +112,7 @@ def nanogpt_reference(seconds: float, threads: int, max_steps: int = 2000, eval_
     gen = torch.Generator().manual_seed(seed)
 
     def batch(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(len(data) - block, (bsz,), generator=gen)
+        ix = torch.randint(len(data) - block, (bsz,), generator=gen).tolist()
         return torch.stack([data[i : i + block] for i in ix]), torch.stack([data[i + 1 : i + 1 + block] for i in ix])
 
     def lr_at(it: int) -> float:
@@ -140,6 +145,8 @@ def nanogpt_reference(seconds: float, threads: int, max_steps: int = 2000, eval_
         opt.step()
         steps += 1
         if steps % 10 == 0:
+            cuda_sync(device)
+        if steps % 10 == 0:
             log.append((time.perf_counter() - t0, steps))
     wall = time.perf_counter() - t0
     curve.append({"step": steps, "elapsed_s": wall, "val_bpb": estimate()})
@@ -159,10 +166,10 @@ def nanogpt_reference(seconds: float, threads: int, max_steps: int = 2000, eval_
 
 # -- our trainer ----------------------------------------------------------------------------------------
 def trainer_run(out: Path, settings: dict[str, Any], threads: int, seconds: float | None, max_steps: int,
-                eval_every: int, data_dir: Path) -> tuple[list[dict], float]:
+                eval_every: int, data_dir: Path, device: str = "cpu") -> tuple[list[dict], float]:
     """`python -m training train` with `settings`; returns its metrics records and the process wall time."""
     args = [sys.executable, "-m", "training", "train", "--data", str(SHAKESPEARE), "--out", str(out),
-            "--overwrite", "--device", "cpu", "--max-steps", str(max_steps), "--eval-every", str(eval_every),
+            "--overwrite", "--device", device, "--max-steps", str(max_steps), "--eval-every", str(eval_every),
             "--log-every", "10", "--data-dir", str(data_dir), "--sample-tokens", "0"]
     if seconds is not None:
         args += ["--max-time", str(seconds)]
@@ -209,11 +216,11 @@ def score_checkpoint(path: Path) -> dict[str, Any]:
             "params": ck.model.num_params(), "vocab": ck.config.vocab_size}
 
 
-def run(work: Path, seconds: float, threads: int, quick: bool = False) -> dict[str, Any]:
+def run(work: Path, seconds: float, threads: int, quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     if not SHAKESPEARE.is_file():
         return {"skipped": f"{SHAKESPEARE} not found (it comes with ../shared)"}
     work.mkdir(parents=True, exist_ok=True)
-    peak = matmul_peak(threads)
+    peak = matmul_peak(threads, device=device)
     out: dict[str, Any] = {"budget_s": seconds, "threads": threads, "matmul_peak_gflops": peak / 1e9,
                            "shape": SHAPE, "quality_settings": QUALITY}
 
@@ -225,10 +232,11 @@ def run(work: Path, seconds: float, threads: int, quick: bool = False) -> dict[s
                       "dropout": 0.0, "eval_batches": 1}
     trainer_run(work / "speed", speed_settings, threads, None, 1, 10**6, work / "data-260")  # data prep
     for _ in range(rounds):
-        ref = nanogpt_reference(seconds=1e9, threads=threads, max_steps=speed_steps, eval_every=10**9)
+        ref = nanogpt_reference(seconds=1e9, threads=threads, max_steps=speed_steps, eval_every=10**9,
+                                device=device)
         ref_speed.append(ref["tokens_per_s"])
         records, _ = trainer_run(work / "speed", speed_settings, threads, None, speed_steps, 10**6,
-                                 work / "data-260")
+                                 work / "data-260", device)
         ours_speed.append(steady_tokens_per_s(records))
     start = next(r for r in records if r["type"] == "start")
     ours_fpt = flops_per_token(start["params"], SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["block_size"])
@@ -240,11 +248,12 @@ def run(work: Path, seconds: float, threads: int, quick: bool = False) -> dict[s
     }
 
     # Quality: the same wall-clock budget each.
-    ref = nanogpt_reference(seconds=seconds, threads=threads, max_steps=2000, eval_every=100 if not quick else 50)
+    ref = nanogpt_reference(seconds=seconds, threads=threads, max_steps=2000, eval_every=100 if not quick else 50,
+                            device=device)
     q_steps = 4000
     trainer_run(work / "prepare", QUALITY, threads, None, 1, 10**6, work / "data-quality")  # data prep, untimed
     records, wall = trainer_run(work / "quality", QUALITY, threads, seconds, q_steps,
-                                100 if not quick else 50, work / "data-quality")
+                                100 if not quick else 50, work / "data-quality", device)
     end = next((r for r in records if r["type"] == "end"), {})
     ours_last = work / "quality" / "last"
     scored = score_checkpoint(ours_last) if ours_last.is_dir() else {}

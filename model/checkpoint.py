@@ -78,6 +78,8 @@ def save_checkpoint(
     """Atomically write a checkpoint directory at `path`, replacing any previous one."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         save_file(_weights_to_save(model), str(tmp / WEIGHTS))

@@ -127,3 +127,13 @@ def test_generate_reference(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exceeds context"):
         generate(ck.model, prompt, 200)
     shutil.rmtree(ck.path)
+
+
+def test_save_removes_temp_dirs_of_a_killed_save(tmp_path: Path) -> None:
+    path = make_tiny_checkpoint(tmp_path / "ck")
+    stale = tmp_path / ".ck.tmp-dead"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    ck = load_checkpoint(path)
+    save_checkpoint(path, ck.model, ck.tokenizer, meta={"step": 1})
+    assert not stale.exists() and load_checkpoint(path).meta["step"] == 1

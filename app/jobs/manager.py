@@ -161,10 +161,13 @@ class JobManager:
         return self.store.update_job(job_id, cancel_requested=True)
 
     def resume(self, job_id: str) -> Job:
-        """Queue an interrupted or cancelled job again; it continues from its `last/` checkpoint if any."""
+        """Queue an interrupted, cancelled or checkpointed failed job again; it continues from its `last/`."""
         job = self.get(job_id)
-        if job.status not in RESUMABLE:
-            raise JobConflict(f"job {job_id} is {job.status}; only interrupted or cancelled jobs can be resumed")
+        # A failed job that saved a checkpoint (killed, disk full, ...) can continue once the cause is fixed.
+        saved = any((Path(job.run_dir) / n).is_dir() for n in ("last", ".last.old"))
+        if job.status not in RESUMABLE and not (job.status == FAILED and saved):
+            raise JobConflict(f"job {job_id} is {job.status}; only interrupted or cancelled jobs, or failed jobs "
+                              "with a saved checkpoint, can be resumed")
         job = self.store.update_job(
             job_id, status=QUEUED, queued_at=time.time(), finished_at=None, exit_code=None, error=None,
             cancel_requested=False, serve_error=None,
