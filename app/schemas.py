@@ -71,7 +71,7 @@ class GenerateRequest(BaseModel):
         return GenerationSpec(self.prompt, max_new, params, seed, _stops(self.stop))
 
 
-def _openai_sampling(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def _openai_sampling(body: OpenAISamplingFields) -> SamplingParams:
     """Sampling parameters of an OpenAI-shaped request (a null field means its default)."""
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -87,19 +87,12 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions, the OpenAI legacy completions shape.
-
-    Unknown fields are accepted and ignored (clients send many); fields we cannot honour (n > 1, echo,
-    logprobs, best_of, suffix, logit_bias) are refused with 400 by `to_spec`. `top_k` and
-    `repetition_penalty` are accepted as extensions, as other OpenAI-compatible servers do.
-    """
+class OpenAISamplingFields(BaseModel):
+    """Fields shared by the OpenAI completions and chat shapes. Unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    prompt: str | list[Any]
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(0, ge=0, le=MAX_TOP_K)
@@ -111,6 +104,18 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
+
+
+class CompletionRequest(OpenAISamplingFields):
+    """POST /v1/completions, the OpenAI legacy completions shape.
+
+    Unknown fields are accepted and ignored (clients send many); fields we cannot honour (n > 1, echo,
+    logprobs, best_of, suffix, logit_bias) are refused with 400 by `to_spec`. `top_k` and
+    `repetition_penalty` are accepted as extensions, as other OpenAI-compatible servers do.
+    """
+
+    prompt: str | list[Any]
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -184,7 +189,7 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAISamplingFields):
     """POST /v1/chat/completions, the OpenAI chat shape (text only).
 
     As with CompletionRequest, unknown fields are ignored and ones we cannot honour (n > 1, logprobs, tools,
@@ -192,23 +197,9 @@ class ChatCompletionRequest(BaseModel):
     the answer may use whatever room the context leaves, up to the server's bound.
     """
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(0, ge=0, le=MAX_TOP_K)
-    repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    stop: StopString | StopList | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = 1
     logprobs: bool | None = False
     top_logprobs: int | None = None
     logit_bias: dict[str, Any] | None = None
