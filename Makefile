@@ -23,6 +23,7 @@ lint: venv
 serve: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" sh docker/entrypoint.sh
 
+# Writes docs/benchmarks.md (+ JSON and plots). Needs the `bench` extra (transformers, matplotlib).
 bench: venv
-	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py; \
-	else echo "bench: not yet available (bench/run.py missing)"; exit 2; fi
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench

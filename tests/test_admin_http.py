@@ -162,7 +162,8 @@ def test_cancel_then_restart_then_resume_continues_the_count(tmp_path: Path) -> 
     settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "base"))
     with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
         ds = upload(client, corpus_bytes())
-        job = start_job(client, data=ds["id"], max_steps=40)
+        # Enough small steps that the job is still running when the server stops, even on an idle machine.
+        job = start_job(client, data=ds["id"], max_steps=300, batch_size=4)
         wait_job(client, job["id"], lambda j: (j["step"] or 0) >= 2)
         r = client.post(f"/admin/jobs/{job['id']}/cancel", headers=ADMIN)
         assert r.status_code == 200 and r.json()["cancel_requested"] is True
@@ -186,8 +187,8 @@ def test_cancel_then_restart_then_resume_continues_the_count(tmp_path: Path) -> 
         assert interrupted["step"] > cancelled["step"] and interrupted["pid"] is None
         assert client.post(f"/admin/jobs/{job['id']}/resume", headers=ADMIN).status_code == 202
         final = follow_events(client, job["id"])[-1][1]
-        assert final["status"] == "succeeded" and final["step"] == 40 and final["attempts"] == 3
-        assert interrupted["step"] <= final["resumed_from_step"] < 40
+        assert final["status"] == "succeeded" and final["step"] == 300 and final["attempts"] == 3
+        assert interrupted["step"] <= final["resumed_from_step"] < 300
 
 
 def test_a_server_with_the_admin_api_may_start_empty_and_load_a_model_later(tmp_path: Path) -> None:
