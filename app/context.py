@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from app.engine.holder import EngineHolder
+from app.generation import Generation, GenerationSpec
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -34,3 +35,12 @@ def watch_disconnect(request: Request) -> asyncio.Future[None]:
                 return
 
     return asyncio.ensure_future(wait())
+
+
+def start_generation(ctx: AppContext, spec: GenerationSpec, request: Request) -> Generation:
+    """Admit `spec` with this app's limits (raises APIError: 422/429/503) and attach it to the request,
+    where the access log reads its tokens and timings."""
+    generation = Generation.start(ctx.holder, spec, timeout=ctx.settings.request_timeout, metrics=ctx.metrics,
+                                  retry_after=ctx.settings.retry_after)
+    request.state.generation = generation
+    return generation

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.auth import require_api_key
-from app.context import AppContext, get_ctx, watch_disconnect
+from app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from app.engine.engine import Engine
 from app.errors import APIError
 from app.generation import Generation, PromptRenderer, wait_or_cancel
@@ -84,9 +84,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            ctx: AppContext = Depends(get_ctx)) -> Response:
     """OpenAI chat completions for one conversation."""
     spec = body.to_spec(ctx.settings, chat_renderer(body.message_dicts()))
-    generation = Generation.start(ctx.holder, spec, timeout=ctx.settings.request_timeout, metrics=ctx.metrics,
-                                  retry_after=ctx.settings.retry_after)
-    request.state.generation = generation
+    generation = start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_chunks(generation, include_usage), ping=ctx.settings.sse_ping)

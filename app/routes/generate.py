@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.auth import require_api_key
-from app.context import AppContext, get_ctx, watch_disconnect
+from app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from app.errors import APIError
 from app.generation import Generation, wait_or_cancel
 from app.schemas import GenerateRequest
@@ -42,9 +42,7 @@ async def _events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
 async def generate(body: GenerateRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
     """Continue `prompt`. Validation, readiness and admission all happen before the first byte is sent."""
     spec = body.to_spec(ctx.settings)
-    generation = Generation.start(ctx.holder, spec, timeout=ctx.settings.request_timeout, metrics=ctx.metrics,
-                                  retry_after=ctx.settings.retry_after)
-    request.state.generation = generation  # the access log reads tokens and timings from here
+    generation = start_generation(ctx, spec, request)
     if body.stream:
         return EventSourceResponse(_events(generation), ping=ctx.settings.sse_ping)
     result = await wait_or_cancel(generation, watch_disconnect(request))

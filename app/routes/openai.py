@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.auth import require_api_key
-from app.context import AppContext, get_ctx, watch_disconnect
+from app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from app.errors import APIError
 from app.generation import Generation, wait_or_cancel
 from app.schemas import CompletionRequest, openai_finish_reason
@@ -60,9 +60,7 @@ async def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[
 async def completions(body: CompletionRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
     """OpenAI legacy completions for one prompt."""
     spec = body.to_spec(ctx.settings)
-    generation = Generation.start(ctx.holder, spec, timeout=ctx.settings.request_timeout, metrics=ctx.metrics,
-                                  retry_after=ctx.settings.retry_after)
-    request.state.generation = generation
+    generation = start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_chunks(generation, include_usage), ping=ctx.settings.sse_ping)
