@@ -9,7 +9,6 @@ usage, and finally `data: [DONE]`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +22,7 @@ from app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from app.engine.engine import Engine
 from app.errors import APIError
 from app.generation import Generation, PromptRenderer, wait_or_cancel
+from app.routes.openai import openai_chunks
 from app.schemas import ChatCompletionRequest, openai_finish_reason
 from model.chat import ChatTemplate
 
@@ -45,10 +45,6 @@ def chat_renderer(messages: list[dict[str, str]]) -> PromptRenderer:
     return render
 
 
-def _dumps(data: object) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
 def _head(generation: Generation, created: int, chunk: bool) -> dict[str, Any]:
     return {"id": generation.id.replace("gen-", "chatcmpl-", 1),
             "object": "chat.completion.chunk" if chunk else "chat.completion",
@@ -59,24 +55,11 @@ def _delta(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-async def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
-    head = _head(generation, int(time.time()), chunk=True)
-    extra = {"usage": None} if include_usage else {}
-    try:
-        yield ServerSentEvent(_dumps({**head, "choices": [_delta({"role": "assistant", "content": ""}, None)],
-                                      **extra}))
-        async for token in generation.tokens():
-            if token.text:  # a held-back token (half a character, a possible stop string) has nothing to show
-                yield ServerSentEvent(_dumps({**head, "choices": [_delta({"content": token.text}, None)], **extra}))
-        result = generation.result
-        assert result is not None
-        finish = openai_finish_reason(result.finish_reason)
-        yield ServerSentEvent(_dumps({**head, "choices": [_delta({}, finish)], **extra}))
-        if include_usage:
-            yield ServerSentEvent(_dumps({**head, "choices": [], "usage": result.usage()}))
-    except APIError as exc:
-        yield ServerSentEvent(_dumps(exc.body()))
-    yield ServerSentEvent("[DONE]")
+def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
+    return openai_chunks(generation, include_usage, _head(generation, int(time.time()), chunk=True),
+                         piece=lambda text: _delta({"content": text}, None),
+                         finish=lambda reason: _delta({}, reason),
+                         opening=_delta({"role": "assistant", "content": ""}, None))
 
 
 @router.post("/v1/chat/completions")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -25,7 +25,8 @@ from app.schemas import CompletionRequest, openai_finish_reason
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def _dumps(data: object) -> str:
+def dumps(data: object) -> str:
+    """Compact JSON for SSE data lines."""
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -38,22 +39,40 @@ def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
 
 
-async def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
-    head = _head(generation, int(time.time()))
+async def openai_chunks(
+    generation: Generation,
+    include_usage: bool,
+    head: dict[str, Any],
+    piece: Callable[[str], dict[str, Any]],
+    finish: Callable[[str], dict[str, Any]],
+    opening: dict[str, Any] | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """The OpenAI stream shape shared by completions and chat: `piece(text)` per token text, `finish(reason)`
+    last, an optional usage chunk, errors as the envelope, then `[DONE]`."""
     extra = {"usage": None} if include_usage else {}
+
+    def chunk(choice: dict[str, Any]) -> ServerSentEvent:
+        return ServerSentEvent(dumps({**head, "choices": [choice], **extra}))
+
     try:
+        if opening is not None:
+            yield chunk(opening)
         async for token in generation.tokens():
-            if token.text:  # a held-back token has nothing to show yet
-                yield ServerSentEvent(_dumps({**head, "choices": [_choice(token.text, None)], **extra}))
+            if token.text:  # a held-back token (half a character, a possible stop string) has nothing to show
+                yield chunk(piece(token.text))
         result = generation.result
         assert result is not None
-        yield ServerSentEvent(_dumps({**head, "choices": [_choice("", openai_finish_reason(result.finish_reason))],
-                                      **extra}))
+        yield chunk(finish(openai_finish_reason(result.finish_reason)))
         if include_usage:
-            yield ServerSentEvent(_dumps({**head, "choices": [], "usage": result.usage()}))
+            yield ServerSentEvent(dumps({**head, "choices": [], "usage": result.usage()}))
     except APIError as exc:
-        yield ServerSentEvent(_dumps(exc.body()))
+        yield ServerSentEvent(dumps(exc.body()))
     yield ServerSentEvent("[DONE]")
+
+
+def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
+    return openai_chunks(generation, include_usage, _head(generation, int(time.time())),
+                         piece=lambda text: _choice(text, None), finish=lambda reason: _choice("", reason))
 
 
 @router.post("/v1/completions")
