@@ -40,6 +40,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY training ./training
 COPY app ./app
+COPY pocketgpt ./pocketgpt
 RUN pip install . && pip check
 
 # ---------------------------------------------------------------- runtime: slim image, venv only, non-root

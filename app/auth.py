@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from app.errors import APIError
+from pocketgpt.app.errors import APIError
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:

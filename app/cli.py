@@ -1,6 +1,6 @@
 """`pocketgpt` console entry point: a thin dispatcher over the project's subcommands.
 
-`train`, `eval`, `prepare` and `import-hf` run `python -m training <subcommand> ...` in place of this
+`train`, `eval`, `prepare` and `import-hf` run `python -m pocketgpt.training <subcommand> ...` in place of this
 process (os.execv), so the app package never imports training internals. `serve` and
 `generate` run in-process through `app.serve_cli.main(argv)`, imported lazily so that
 `pocketgpt train` does not pay for importing the web stack.
@@ -13,6 +13,8 @@ import importlib.util
 import os
 import sys
 
+from pocketgpt.launch import child_env
+
 TRAINING_COMMANDS = ("train", "eval", "prepare", "import-hf")
 SERVING_COMMANDS = ("serve", "generate")
 
@@ -20,7 +22,7 @@ USAGE = """usage: pocketgpt <command> [args...]
 
 commands:
   train | eval | prepare | import-hf
-                            run `python -m training <command> ...`
+                            run `python -m pocketgpt.training <command> ...`
   serve | generate          run the web server / generate text from a checkpoint
 
 `pocketgpt <command> --help` shows a command's options."""
@@ -32,23 +34,23 @@ def _not_available(what: str) -> int:
 
 
 def _exec_training(argv: list[str]) -> int:
-    """Replace this process with `python -m training <argv...>`; returns only on failure."""
-    if importlib.util.find_spec("training.__main__") is None:
+    """Replace this process with `python -m pocketgpt.training <argv...>`; returns only on failure."""
+    if importlib.util.find_spec("pocketgpt.training.__main__") is None:
         return _not_available(f"'{argv[0]}'")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "training", *argv])
+    os.execve(sys.executable, [sys.executable, "-m", "pocketgpt.training", *argv], child_env())
     return 1  # unreachable: execv does not return on success (it raises OSError on failure)
 
 
 def _run_serving(argv: list[str]) -> int:
     """Run `app.serve_cli.main(argv)` in-process, argv[0] being `serve` or `generate`."""
     try:
-        serve_cli = importlib.import_module("app.serve_cli")
+        serve_cli = importlib.import_module("pocketgpt.app.serve_cli")
     except ModuleNotFoundError as exc:
         # Only the module itself being absent means "not written yet"; a missing dependency
         # inside it is a real error and must surface with its traceback.
-        if exc.name != "app.serve_cli":
+        if exc.name != "pocketgpt.app.serve_cli":
             raise
         return _not_available(f"'{argv[0]}'")
     result = serve_cli.main(argv)

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from app.engine.holder import EngineHolder
-from app.generation import Generation, GenerationSpec
-from app.metrics import Metrics
-from app.settings import Settings
+from pocketgpt.app.engine.holder import EngineHolder
+from pocketgpt.app.generation import Generation, GenerationSpec
+from pocketgpt.app.metrics import Metrics
+from pocketgpt.app.settings import Settings
 
 
 @dataclass

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.engine.engine import Engine
-from app.engine.holder import EngineHolder
-from app.engine.types import DoneEvent, EngineClosed, ErrorEvent, GenRequest, QueueFull, Ticket, TokenEvent
-from app.errors import APIError
-from app.metrics import Metrics
-from model.sampling import SamplingParams
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.holder import EngineHolder
+from pocketgpt.app.engine.types import DoneEvent, EngineClosed, ErrorEvent, GenRequest, QueueFull, Ticket, TokenEvent
+from pocketgpt.app.errors import APIError
+from pocketgpt.app.metrics import Metrics
+from pocketgpt.model.sampling import SamplingParams
 
 
 def random_seed() -> int:

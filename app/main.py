@@ -20,19 +20,19 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.context import AppContext
-from app.engine.engine import Engine
-from app.engine.holder import EngineHolder
-from app.engine.loader import load_engine
-from app.errors import install_error_handlers
-from app.jobs.service import admin_enabled, create_job_manager, named_for
-from app.log import configure_logging
-from app.metrics import Metrics
-from app.middleware import AccessMiddleware, BodyLimitMiddleware, EnvelopeCORSMiddleware
-from app.openapi import install_openapi
-from app.routes import admin, chat, generate, health, openai, playground
-from app.settings import Settings
-from model.checkpoint import CheckpointError
+from pocketgpt.app.context import AppContext
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.holder import EngineHolder
+from pocketgpt.app.engine.loader import load_engine
+from pocketgpt.app.errors import install_error_handlers
+from pocketgpt.app.jobs.service import admin_enabled, create_job_manager, named_for
+from pocketgpt.app.log import configure_logging
+from pocketgpt.app.metrics import Metrics
+from pocketgpt.app.middleware import AccessMiddleware, BodyLimitMiddleware, EnvelopeCORSMiddleware
+from pocketgpt.app.openapi import install_openapi
+from pocketgpt.app.routes import admin, chat, generate, health, openai, playground
+from pocketgpt.app.settings import Settings
+from pocketgpt.model.checkpoint import CheckpointError
 
 # (checkpoint dir, settings, metrics) -> a started Engine. Tests pass functools.partial(load_engine, step_delay=...).
 EngineFactory = Callable[[Path, Settings, Metrics], Engine]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from app.engine.holder import EngineHolder
+    from pocketgpt.app.engine.holder import EngineHolder
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -19,8 +19,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import APIError, BodyTooLarge
-from app.metrics import Metrics
+from pocketgpt.app.errors import APIError, BodyTooLarge
+from pocketgpt.app.metrics import Metrics
 
 access_log = logging.getLogger("pocketgpt.access")
 error_log = logging.getLogger("pocketgpt.error")

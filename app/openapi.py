@@ -18,9 +18,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from app.auth import require_api_key
-from app.routes.admin import require_admin
-from model.chat import ROLES as CHAT_ROLES
+from pocketgpt.app.auth import require_api_key
+from pocketgpt.app.routes.admin import require_admin
+from pocketgpt.model.chat import ROLES as CHAT_ROLES
 
 ENVELOPE_REF = "#/components/schemas/ErrorResponse"
 _REF = "#/components/schemas/{model}"

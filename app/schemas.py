@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.errors import APIError
-from app.generation import GenerationSpec, PromptRenderer, random_seed
-from app.settings import Settings
-from model.chat import ROLES as CHAT_ROLES
-from model.sampling import SamplingParams
+from pocketgpt.app.errors import APIError
+from pocketgpt.app.generation import GenerationSpec, PromptRenderer, random_seed
+from pocketgpt.app.settings import Settings
+from pocketgpt.model.chat import ROLES as CHAT_ROLES
+from pocketgpt.model.sampling import SamplingParams
 
 MAX_SEED = 2**63 - 1
 # A k beyond the vocabulary keeps every token; the bound only refuses numbers the sampler cannot hold (an

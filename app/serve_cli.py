@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.settings import Settings
+from pocketgpt.app.settings import Settings
 
 
 def _settings(overrides: dict[str, Any], command: str) -> Settings | None:
@@ -47,7 +47,7 @@ def serve(argv: list[str]) -> int:
 
     import uvicorn
 
-    from app.main import create_app
+    from pocketgpt.app.main import create_app
 
     # Our access log replaces uvicorn's (it has the request id, tokens and timings).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
@@ -81,12 +81,12 @@ def generate(argv: list[str]) -> int:
 
 
 async def _generate(settings: Settings, prompt: str, args: argparse.Namespace) -> int:
-    from app.engine.holder import EngineHolder
-    from app.engine.loader import load_engine
-    from app.errors import APIError
-    from app.generation import Generation
-    from app.schemas import GenerateRequest
-    from model.checkpoint import CheckpointError
+    from pocketgpt.app.engine.holder import EngineHolder
+    from pocketgpt.app.engine.loader import load_engine
+    from pocketgpt.app.errors import APIError
+    from pocketgpt.app.generation import Generation
+    from pocketgpt.app.schemas import GenerateRequest
+    from pocketgpt.model.checkpoint import CheckpointError
 
     try:
         request = GenerateRequest(

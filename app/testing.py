@@ -17,13 +17,13 @@ import torch
 import uvicorn
 from torch import nn
 
-from app.engine.engine import Engine
-from app.metrics import Metrics
-from app.settings import Settings
-from model.checkpoint import Checkpoint
-from model.config import ModelConfig
-from model.kv_cache import KVCache
-from model.tokenizer import Tokenizer
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.metrics import Metrics
+from pocketgpt.app.settings import Settings
+from pocketgpt.model.checkpoint import Checkpoint
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.kv_cache import KVCache
+from pocketgpt.model.tokenizer import Tokenizer
 
 
 @contextmanager

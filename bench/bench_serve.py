@@ -4,7 +4,7 @@
     python bench/bench_serve.py --checkpoint runs/small  # a trained checkpoint
     python bench/bench_serve.py --concurrency 1 4 16 32 --max-new-tokens 128 --json out.json
 
-The server runs as a subprocess (`python -m app.cli serve`), so the client does not share its GIL.
+The server runs as a subprocess (`python -m pocketgpt.app.cli serve`), so the client does not share its GIL.
 TTFT is measured from sending the request to receiving the first `token` event; inter-token latency is the
 gap between consecutive `token` events of one stream, as the client sees them.
 """
@@ -30,15 +30,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.engine.engine import Engine  # noqa: E402
-from app.engine.types import GenRequest, TokenEvent  # noqa: E402
-from app.testing import SSEParser  # noqa: E402
-from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from model.config import preset  # noqa: E402
-from model.generate import generate as model_generate  # noqa: E402
-from model.gpt import GPT  # noqa: E402
-from model.sampling import SamplingParams  # noqa: E402
-from model.tokenizer import train_tokenizer  # noqa: E402
+from pocketgpt.app.engine.engine import Engine  # noqa: E402
+from pocketgpt.app.engine.types import GenRequest, TokenEvent  # noqa: E402
+from pocketgpt.app.testing import SSEParser  # noqa: E402
+from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pocketgpt.model.config import preset  # noqa: E402
+from pocketgpt.model.generate import generate as model_generate  # noqa: E402
+from pocketgpt.model.gpt import GPT  # noqa: E402
+from pocketgpt.model.sampling import SamplingParams  # noqa: E402
+from pocketgpt.model.tokenizer import train_tokenizer  # noqa: E402
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ",
@@ -140,7 +140,7 @@ def start_server(path: Path, max_running: int) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "POCKETGPT_LOG_LEVEL": "warning"}
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(path), "--port", str(port),
+    cmd = [sys.executable, "-m", "pocketgpt.app.cli", "serve", "--checkpoint", str(path), "--port", str(port),
            "--max-running", str(max_running), "--max-queue", "256", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"

@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from training.config import TrainConfig  # noqa: E402
-from training.data import token_byte_lengths  # noqa: E402
-from training.evaluate import score_tokens  # noqa: E402
-from training.metrics import read_metrics  # noqa: E402
-from training.progress import Progress  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from pocketgpt.training.config import TrainConfig  # noqa: E402
+from pocketgpt.training.data import token_byte_lengths  # noqa: E402
+from pocketgpt.training.evaluate import score_tokens  # noqa: E402
+from pocketgpt.training.metrics import read_metrics  # noqa: E402
+from pocketgpt.training.progress import Progress  # noqa: E402
+from pocketgpt.training.trainer import Trainer  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 

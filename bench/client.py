@@ -100,7 +100,7 @@ async def sse_generate(host: str, port: int, body: dict, started: asyncio.Event 
 
 
 class Server:
-    """`python -m app.cli serve` on a free port, with the given thread count; a context manager."""
+    """`python -m pocketgpt.app.cli serve` on a free port, with the given thread count; a context manager."""
 
     def __init__(self, checkpoint: Path, threads: int, max_running: int = 64, device: str = "cpu",
                  extra_env: dict[str, str] | None = None) -> None:
@@ -111,7 +111,8 @@ class Server:
         env = {**os.environ, **thread_env(threads), "PYTHONPATH": str(ROOT), "POCKETGPT_LOG_LEVEL": "warning",
                "POCKETGPT_SSE_PING": "0", "POCKETGPT_MAX_NEW_TOKENS": "1024", **(extra_env or {})}
         env.pop("POCKETGPT_API_KEYS", None)
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "pocketgpt.app.cli", "serve", "--checkpoint", str(checkpoint),
+               "--port", str(self.port),
                "--max-running", str(max_running), "--max-queue", "1024", "--log-level", "warning",
                "--device", device]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)

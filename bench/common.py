@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.tokenizer import Tokenizer, train_tokenizer
+from pocketgpt.model.checkpoint import save_checkpoint
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

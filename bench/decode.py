@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from app.engine.engine import Engine
-from app.engine.types import GenRequest, TokenEvent
 from bench.client import Server
 from bench.common import cuda_sync, in_worker, memory_bandwidth, summary, weight_bytes_per_step
 from bench.peers import BareDecoder, hf_generate, logits_max_diff, naive_generate, to_transformers
-from model.checkpoint import load_checkpoint
-from model.sampling import SamplingParams
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.types import GenRequest, TokenEvent
+from pocketgpt.model.checkpoint import load_checkpoint
+from pocketgpt.model.sampling import SamplingParams
 
 PROMPT_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
 
@@ -154,7 +154,7 @@ def run(checkpoint: Path, server: Server | None, n: int, rounds: int, device: st
 
 @torch.inference_mode()
 def _cached_greedy(model, prompt: list[int], n: int) -> list[int]:
-    from model.kv_cache import KVCache
+    from pocketgpt.model.kv_cache import KVCache
 
     cache = KVCache.for_model(model, 1, len(prompt) + n)
     dev = cache.k.device

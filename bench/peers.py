@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.gpt import GPT
+from pocketgpt.model.gpt import GPT
 
 
 # -- Hugging Face transformers ---------------------------------------------------------------------

@@ -201,13 +201,14 @@ def write(results: dict[str, Any], markdown: Path, plots: Path, json_path: Path)
                 "",
                 f"Shape: 4 layers, 4 heads, width 128, context 64, batch 12, {t['threads']} threads. The nanoGPT side "
                 "is nanoGPT's CPU Shakespeare run written out in the bench (characters as tokens, its optimizer and "
-                "schedule); ours is `python -m training train` with its smallest (byte-level, 260) vocabulary. MFU "
+                "schedule); ours is `python -m pocketgpt.training train` with its smallest (byte-level, 260) "
+                "vocabulary. MFU "
                 f"is model FLOPs (6N + 12·L·T·C per token) over the measured fp32 matmul rate of "
                 f"{t['matmul_peak_gflops']:.0f} GFLOP/s.",
                 "",
                 "| trainer | tokens/s | MFU | parameters |",
                 "|---|--:|--:|--:|",
-                f"| pocketgpt (`python -m training train`) | {fmt(sp['ours_tokens_per_s'])} | "
+                f"| pocketgpt (`python -m pocketgpt.training train`) | {fmt(sp['ours_tokens_per_s'])} | "
                 f"{fmt({k: (v * 100 if isinstance(v, float) else v) for k, v in sp['ours_mfu'].items()}, 1)} % | "
                 f"{sp['ours_params']:,} |",
                 f"| nanoGPT-style loop | {fmt(sp['nanogpt_tokens_per_s'])} | "

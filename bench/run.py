@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"decode", "serve"} & set(args.only):
         tok_path = args.work / "tokenizer-8192.json"
         if tok_path.is_file():
-            from model.tokenizer import Tokenizer
+            from pocketgpt.model.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(tok_path)
         else:

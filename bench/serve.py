@@ -23,7 +23,7 @@ import torch
 from bench.client import Server, StreamResult
 from bench.common import CORPUS, SHAKESPEARE, cuda_sync, in_worker, pct, summary
 from bench.peers import BareDecoder
-from model.checkpoint import load_checkpoint
+from pocketgpt.model.checkpoint import load_checkpoint
 
 PROMPTS = [
     "First Citizen:", "You are all resolved rather to die than to famish?", "ROMEO:", "What light through yonder",

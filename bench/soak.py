@@ -47,10 +47,10 @@ def make_checkpoint(out: Path, preset_name: str, vocab: int) -> Path:
     """A random-init checkpoint of `preset_name`, with a byte-level BPE trained on this project's sources."""
     import torch
 
-    from model.checkpoint import save_checkpoint
-    from model.config import preset
-    from model.gpt import GPT
-    from model.tokenizer import train_tokenizer
+    from pocketgpt.model.checkpoint import save_checkpoint
+    from pocketgpt.model.config import preset
+    from pocketgpt.model.gpt import GPT
+    from pocketgpt.model.tokenizer import train_tokenizer
 
     texts = [p.read_text(errors="replace") for d in ("app", "model", "training") for p in (ROOT / d).rglob("*.py")]
     tokenizer = train_tokenizer(texts + PROMPTS, vocab_size=vocab)
@@ -99,7 +99,7 @@ class Tally:
 async def client_loop(base: str, deadline: float, tally: Tally, rng: random.Random, max_new: int) -> None:
     import httpx
 
-    from app.testing import SSEParser
+    from pocketgpt.app.testing import SSEParser
 
     async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(120, connect=10)) as client:
         while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Section 3: training, our trainer (`python -m training train`) against a nanoGPT-style loop, in one run.
+"""Section 3: training, our trainer (`python -m pocketgpt.training train`) against a nanoGPT-style loop, in one run.
 
 The reference is nanoGPT's CPU "baby" Shakespeare run written out here on our GPT class in nanoGPT's layout
 (learned positions, LayerNorm, GELU, no biases, tied head): characters as tokens, 4 layers, 4 heads, 128 wide,
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import ROOT, SHAKESPEARE, cuda_sync, summary, thread_env
-from model.config import ModelConfig
-from model.gpt import GPT
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
 
 SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12}
 
@@ -167,8 +167,8 @@ def nanogpt_reference(seconds: float, threads: int, max_steps: int = 2000, eval_
 # -- our trainer ----------------------------------------------------------------------------------------
 def trainer_run(out: Path, settings: dict[str, Any], threads: int, seconds: float | None, max_steps: int,
                 eval_every: int, data_dir: Path, device: str = "cpu") -> tuple[list[dict], float]:
-    """`python -m training train` with `settings`; returns its metrics records and the process wall time."""
-    args = [sys.executable, "-m", "training", "train", "--data", str(SHAKESPEARE), "--out", str(out),
+    """`python -m pocketgpt.training train` with `settings`; returns its metrics records and the process wall time."""
+    args = [sys.executable, "-m", "pocketgpt.training", "train", "--data", str(SHAKESPEARE), "--out", str(out),
             "--overwrite", "--device", device, "--max-steps", str(max_steps), "--eval-every", str(eval_every),
             "--log-every", "10", "--data-dir", str(data_dir), "--sample-tokens", "0"]
     if seconds is not None:
@@ -206,7 +206,7 @@ def eval_curve(records: list[dict]) -> list[dict]:
 
 
 def score_checkpoint(path: Path) -> dict[str, Any]:
-    from model.checkpoint import load_checkpoint
+    from pocketgpt.model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)
     _, val_text = split(SHAKESPEARE.read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@
 #   POCKETGPT_STARTER_DATA       corpus of the starter model (default: stdlib, the Python standard library)
 #   POCKETGPT_STARTER_MAX_STEPS  optimizer steps (default: 900 on CPU, 2000 on a GPU)
 #   POCKETGPT_STARTER_MAX_TIME   hard cap on the starter's training, seconds (default: 300 on CPU, 600 on a GPU)
-#   POCKETGPT_STARTER_ARGS       model and optimizer flags of `python -m training train` for the starter,
+#   POCKETGPT_STARTER_ARGS       model and optimizer flags of `python -m pocketgpt.training train` for the starter,
 #                                replacing the defaults below (given last, so they win over any flag here)
 #   POCKETGPT_DEVICE             auto (default), cpu, cuda, ...: used for training and serving
 #   POCKETGPT_HOST, POCKETGPT_PORT, POCKETGPT_API_KEYS, ...: read by the server (see app/settings.py)
@@ -31,7 +31,7 @@ if ! command -v "$PY" >/dev/null 2>&1; then
     log "no Python interpreter '$PY': set POCKETGPT_PYTHON, or run 'make serve' (it creates .venv)"
     exit 2
 fi
-if ! "$PY" -c 'import app.cli, training' >/dev/null 2>&1; then
+if ! "$PY" -c 'import pocketgpt.app.cli, pocketgpt.training' >/dev/null 2>&1; then
     log "'$PY' cannot import pocketgpt: run 'make serve' (it installs into .venv) or set POCKETGPT_PYTHON"
     exit 2
 fi
@@ -68,7 +68,7 @@ train_starter() {
     rm -rf "$partial"
     # $args is split into words on purpose.
     # shellcheck disable=SC2086
-    "$PY" -m training train \
+    "$PY" -m pocketgpt.training train \
         --data "${POCKETGPT_STARTER_DATA:-stdlib}" \
         --device "$device" \
         --max-steps "$steps" \
@@ -118,4 +118,4 @@ printf '       -d '\''{"prompt": "def __init__(self", "max_new_tokens": 100, "te
 printf '\n  or: scripts/stream.sh -t 0.3 "def __init__(self"   (see scripts/*.sh -h)\n\n' >&2
 
 export POCKETGPT_CHECKPOINT="$CKPT"
-exec "$PY" -m app.cli serve
+exec "$PY" -m pocketgpt.app.cli serve

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.tokenizer import Tokenizer
+from pocketgpt.model.tokenizer import Tokenizer
 
 FORMAT = "pocketgpt-chat/1"
 META_KEY = "chat_template"  # the key of meta.json that holds the template

@@ -26,11 +26,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.chat import META_KEY as CHAT_TEMPLATE_KEY
-from model.chat import ChatTemplate
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.tokenizer import Tokenizer
+from pocketgpt.model.chat import META_KEY as CHAT_TEMPLATE_KEY
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER, META, TRAIN_STATE = (

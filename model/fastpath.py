@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.kv_cache import CacheBatch, StaticBatch
+from pocketgpt.model.kv_cache import CacheBatch, StaticBatch
 
 if TYPE_CHECKING:
-    from model.gpt import GPT
+    from pocketgpt.model.gpt import GPT
 
 
 def _norm(module: nn.Module) -> tuple:
@@ -59,7 +59,7 @@ class FlatForward:
 
     def hidden(self, idx: torch.Tensor, batch: CacheBatch | StaticBatch) -> torch.Tensor:
         """Hidden states after the final norm for (B, C) tokens `idx`: `GPT._run` without the modules."""
-        from model.gpt import apply_rope  # a cycle at import time otherwise
+        from pocketgpt.model.gpt import apply_rope  # a cycle at import time otherwise
 
         B, T = idx.shape
         H, D = self.n_head, self.head_dim

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import torch
 
-from model.gpt import GPT
-from model.kv_cache import KVCache
-from model.sampling import SamplingParams, make_generator, sample
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.kv_cache import KVCache
+from pocketgpt.model.sampling import SamplingParams, make_generator, sample
 
 
 def stream_tokens(

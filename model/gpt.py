@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.fastpath import FlatForward
-from model.kv_cache import CacheBatch, KVCache, StaticBatch
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.fastpath import FlatForward
+from pocketgpt.model.kv_cache import CacheBatch, KVCache, StaticBatch
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

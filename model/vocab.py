@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.gpt import GPT
+from pocketgpt.model.gpt import GPT
 
 
 @torch.no_grad()

@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 
-from app.engine.loader import load_engine
-from app.main import create_app
-from app.settings import Settings
-from app.testing import SSEParser
+from pocketgpt.app.engine.loader import load_engine
+from pocketgpt.app.main import create_app
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import SSEParser
 from tests.conftest import small_corpus
 
 TOKEN = "admin-token-for-tests"

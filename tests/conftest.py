@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.tokenizer import Tokenizer, train_tokenizer
+from pocketgpt.model.checkpoint import save_checkpoint
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.tokenizer import Tokenizer, train_tokenizer
 
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "

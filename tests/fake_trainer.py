@@ -1,4 +1,4 @@
-"""A stand-in for `python -m training train` that follows the trainer's contract without any torch.
+"""A stand-in for `python -m pocketgpt.training train` that follows the trainer's contract without any torch.
 
     python tests/fake_trainer.py train --data SRC... --max-steps N --out RUN_DIR [--resume RUN_DIR] ...
 

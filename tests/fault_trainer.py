@@ -1,4 +1,4 @@
-"""The real trainer (`python -m training train ...`) with a fault injected into its checkpoint writes.
+"""The real trainer (`python -m pocketgpt.training train ...`) with a fault injected into its checkpoint writes.
 
     POCKETGPT_FAULT=KIND:DIR:N python tests/fault_trainer.py train --data ... --out RUN_DIR
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model.checkpoint as checkpoint
+import pocketgpt.model.checkpoint as checkpoint
 
 _real_save_file = checkpoint.save_file
 _writes: dict[str, int] = {}
@@ -47,6 +47,6 @@ if os.environ.get("POCKETGPT_FAULT"):
     checkpoint.save_file = _faulty_save_file
 
 if __name__ == "__main__":
-    from training.cli import main
+    from pocketgpt.training.cli import main
 
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""The admin API end to end: a real uvicorn server, the real trainer (`python -m training train`), tiny jobs.
+"""The admin API end to end: a real uvicorn server, the real trainer (`python -m pocketgpt.training train`), tiny jobs.
 
 One server is shared by the story, hot swap and failing-trainer tests; the cancel/restart test runs its own.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.testing import SSEParser, running_server
+from pocketgpt.app.testing import SSEParser, running_server
 from tests.admin_helpers import (
     ADMIN,
     USER,

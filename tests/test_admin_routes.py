@@ -12,10 +12,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.errors import install_error_handlers
-from app.jobs.manager import JobManager
-from app.jobs.store import JobStore
-from app.routes.admin import router
+from pocketgpt.app.errors import install_error_handlers
+from pocketgpt.app.jobs.manager import JobManager
+from pocketgpt.app.jobs.store import JobStore
+from pocketgpt.app.routes.admin import router
 
 FAKE = str(Path(__file__).with_name("fake_trainer.py"))
 TOKEN = "admin-secret"

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.auth import require_api_key
-from app.openapi import api_routes
-from app.routes.admin import require_admin, router
-from app.testing import running_server
+from pocketgpt.app.auth import require_api_key
+from pocketgpt.app.openapi import api_routes
+from pocketgpt.app.routes.admin import require_admin, router
+from pocketgpt.app.testing import running_server
 from tests.admin_helpers import ADMIN, API_KEY, TOKEN, USER, make_app, make_settings, upload
 from tests.conftest import make_tiny_checkpoint
 

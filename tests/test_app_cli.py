@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import serve_cli
-from app.settings import Settings
-from model.checkpoint import load_checkpoint
+from pocketgpt.app import serve_cli
+from pocketgpt.app.settings import Settings
+from pocketgpt.model.checkpoint import load_checkpoint
 from tests.conftest import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
 
 def test_serve_missing_checkpoint_is_one_clear_line(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    proc = run(["-m", "app.cli", "serve", "--checkpoint", str(missing), "--port", str(free_port())])
+    proc = run(["-m", "pocketgpt.app.cli", "serve", "--checkpoint", str(missing), "--port", str(free_port())])
     assert proc.returncode != 0
     assert f"cannot load checkpoint {missing}: checkpoint directory not found: {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -42,7 +42,8 @@ def test_uvicorn_app_reads_env_and_reports_a_damaged_checkpoint(tmp_path: Path) 
     ckpt = make_tiny_checkpoint(tmp_path / "ck")
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    proc = run(["-m", "uvicorn", "app.main:app", "--port", str(free_port())], env={"POCKETGPT_CHECKPOINT": str(ckpt)})
+    proc = run(["-m", "uvicorn", "pocketgpt.app.main:app", "--port", str(free_port())],
+               env={"POCKETGPT_CHECKPOINT": str(ckpt)})
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if str(weights) in line]
     assert len(lines) == 1 and "not a valid safetensors file" in lines[0]

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.engine import Engine
-from app.engine.holder import EngineHolder
-from app.engine.types import DoneEvent, ErrorEvent, GenRequest, QueueFull, TokenEvent
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.generate import generate as model_generate
-from model.gpt import GPT
-from model.sampling import SamplingParams
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.holder import EngineHolder
+from pocketgpt.app.engine.types import DoneEvent, ErrorEvent, GenRequest, QueueFull, TokenEvent
+from pocketgpt.model.checkpoint import CheckpointError, load_checkpoint
+from pocketgpt.model.generate import generate as model_generate
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.sampling import SamplingParams
 from tests.conftest import make_tiny_checkpoint
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from app.engine.stream import StopHolder, TextStream
-from app.testing import byte_token_ids
+from pocketgpt.app.engine.stream import StopHolder, TextStream
+from pocketgpt.app.testing import byte_token_ids
 from tests.conftest import CHINESE
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.chat import ChatTemplate
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.tokenizer import Tokenizer
-from model.vocab import add_token_rows
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.tokenizer import Tokenizer
+from pocketgpt.model.vocab import add_token_rows
 
 
 @pytest.fixture(scope="module")

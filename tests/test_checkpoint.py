@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import (
+from pocketgpt.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_train_state,
     resolve_checkpoint,
     save_checkpoint,
 )
-from model.generate import generate
-from model.sampling import SamplingParams
+from pocketgpt.model.generate import generate
+from pocketgpt.model.sampling import SamplingParams
 from tests.conftest import make_tiny_checkpoint
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-import app.jobs.manager as manager_module
-from app.testing import running_server
-from model.checkpoint import load_checkpoint
+import pocketgpt.app.jobs.manager as manager_module
+from pocketgpt.app.testing import running_server
+from pocketgpt.model.checkpoint import load_checkpoint
 from tests.admin_helpers import (
     ADMIN,
     USER,

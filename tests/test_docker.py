@@ -230,7 +230,7 @@ def test_compose_config_with_the_real_compose_parser(tmp_path: Path) -> None:
 
 
 def test_env_example_lists_only_known_settings() -> None:
-    from app.settings import Settings
+    from pocketgpt.app.settings import Settings
 
     known = {f"POCKETGPT_{name.upper()}" for name in Settings.model_fields}
     known |= {"POCKETGPT_STARTER_MAX_STEPS", "POCKETGPT_STARTER_MAX_TIME", "POCKETGPT_PUBLISH", "TORCH_VARIANT"}

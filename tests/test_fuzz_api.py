@@ -37,12 +37,12 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-import app.jobs.manager as manager_module  # noqa: E402
-from app.openapi import OPERATIONS, ErrorResponse, GenerateResponse, api_routes  # noqa: E402
-from app.testing import parse_sse, running_server  # noqa: E402
-from model.chat import ChatTemplate  # noqa: E402
-from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from model.vocab import add_token_rows  # noqa: E402
+import pocketgpt.app.jobs.manager as manager_module  # noqa: E402
+from pocketgpt.app.openapi import OPERATIONS, ErrorResponse, GenerateResponse, api_routes  # noqa: E402
+from pocketgpt.app.testing import parse_sse, running_server  # noqa: E402
+from pocketgpt.model.chat import ChatTemplate  # noqa: E402
+from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pocketgpt.model.vocab import add_token_rows  # noqa: E402
 from tests.admin_helpers import ADMIN, USER, make_app, make_settings  # noqa: E402
 from tests.conftest import make_tiny_checkpoint  # noqa: E402
 

@@ -14,15 +14,15 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from app.cli import TRAINING_COMMANDS
-from model.checkpoint import load_checkpoint
-from model.generate import generate
-from model.sampling import SamplingParams
-from model.tokenizer import EOT
+from pocketgpt.app.cli import TRAINING_COMMANDS
+from pocketgpt.model.checkpoint import load_checkpoint
+from pocketgpt.model.generate import generate
+from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.model.tokenizer import EOT
+from pocketgpt.training.cli import main as training_main
+from pocketgpt.training.errors import UserError
+from pocketgpt.training.import_hf import import_hf
 from tests.conftest import small_corpus
-from training.cli import main as training_main
-from training.errors import UserError
-from training.import_hf import import_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,16 +149,16 @@ def test_bad_directories_are_clear_errors(hf_model, tmp_path: Path, capsys) -> N
 
 
 def test_pocketgpt_import_hf_command(hf_model, tmp_path: Path) -> None:
-    """The console entry point dispatches import-hf to `python -m training` like train and eval."""
+    """The console entry point dispatches import-hf to `python -m pocketgpt.training` like train and eval."""
     assert "import-hf" in TRAINING_COMMANDS
     with_json = hf_model[0]
     out = tmp_path / "imported"
-    proc = subprocess.run([sys.executable, "-m", "app.cli", "import-hf", str(with_json), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "pocketgpt.app.cli", "import-hf", str(with_json), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert f"{out}:" in proc.stdout and "end-of-text id 299" in proc.stdout
-    again = subprocess.run([sys.executable, "-m", "app.cli", "import-hf", str(with_json), "--out", str(out)],
+    again = subprocess.run([sys.executable, "-m", "pocketgpt.app.cli", "import-hf", str(with_json), "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert again.returncode == 2 and "already exists" in again.stderr

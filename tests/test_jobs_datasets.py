@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs.checkpoints import list_checkpoints, safetensors_params
-from app.jobs.datasets import (
+from pocketgpt.app.jobs.checkpoints import list_checkpoints, safetensors_params
+from pocketgpt.app.jobs.datasets import (
     STDLIB,
     DataPathError,
     UploadInvalid,
@@ -22,7 +22,7 @@ from app.jobs.datasets import (
     resolve_data_source,
     save_upload,
 )
-from app.jobs.store import JobStore
+from pocketgpt.app.jobs.store import JobStore
 
 BOUNDARY = "xXxBoundaryxXx"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs.manager import JobConflict, JobManager, JobNotFound
-from app.jobs.metrics import Attempt
-from app.jobs.process import final_status
-from app.jobs.store import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from pocketgpt.app.jobs.manager import JobConflict, JobManager, JobNotFound
+from pocketgpt.app.jobs.metrics import Attempt
+from pocketgpt.app.jobs.process import final_status
+from pocketgpt.app.jobs.store import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED, JobStore
 
 FAKE = str(Path(__file__).with_name("fake_trainer.py"))
 ROOT = Path(__file__).resolve().parents[1]

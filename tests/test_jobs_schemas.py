@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.jobs.schemas import TRAINING_FIELDS, ConfigProblem, JobRequest, ModelOverrides
-from training.config import MODEL_FIELDS, TrainConfig
+from pocketgpt.app.jobs.schemas import TRAINING_FIELDS, ConfigProblem, JobRequest, ModelOverrides
+from pocketgpt.training.config import MODEL_FIELDS, TrainConfig
 
 
 def test_request_fields_exist_in_the_trainer_config() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs.store import QUEUED, RUNNING, SCHEMA_VERSION, Dataset, Job, JobStore
+from pocketgpt.app.jobs.store import QUEUED, RUNNING, SCHEMA_VERSION, Dataset, Job, JobStore
 
 
 def _job(job_id: str, status: str = QUEUED, queued_at: float | None = None) -> Job:

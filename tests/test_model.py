@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import PRESETS, ModelConfig, preset
-from model.gpt import GPT
-from model.kv_cache import KVCache
+from pocketgpt.model.config import PRESETS, ModelConfig, preset
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.kv_cache import KVCache
 
 LAYOUTS = {
     "modern": ModelConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=96),

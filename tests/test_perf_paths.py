@@ -14,16 +14,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import model.sampling as sampling
-from app.engine.engine import Engine
-from app.engine.graphs import GraphDecoder, buckets_for
-from app.engine.scheduler import Scheduler
-from app.engine.types import GenRequest, TokenEvent
-from model.checkpoint import load_checkpoint
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.kv_cache import KVCache
-from model.sampling import SamplingParams, make_generator, sample
+import pocketgpt.model.sampling as sampling
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.graphs import GraphDecoder, buckets_for
+from pocketgpt.app.engine.scheduler import Scheduler
+from pocketgpt.app.engine.types import GenRequest, TokenEvent
+from pocketgpt.model.checkpoint import load_checkpoint
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.kv_cache import KVCache
+from pocketgpt.model.sampling import SamplingParams, make_generator, sample
 from tests.conftest import make_tiny_checkpoint
 
 V = 97

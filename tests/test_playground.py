@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.testing import running_server
+from pocketgpt.app.testing import running_server
 from tests.admin_helpers import ADMIN, API_KEY, TOKEN, USER, corpus_bytes, make_app, make_settings
 from tests.conftest import make_tiny_checkpoint
 

@@ -16,9 +16,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from app.engine.stream import StopHolder, TextStream  # noqa: E402
-from model.chat import ChatTemplate  # noqa: E402
-from model.tokenizer import EOT, StreamDecoder, Tokenizer, train_tokenizer  # noqa: E402
+from pocketgpt.app.engine.stream import StopHolder, TextStream  # noqa: E402
+from pocketgpt.model.chat import ChatTemplate  # noqa: E402
+from pocketgpt.model.tokenizer import EOT, StreamDecoder, Tokenizer, train_tokenizer  # noqa: E402
 from tests.conftest import small_corpus  # noqa: E402
 
 EXAMPLES = int(os.environ.get("POCKETGPT_PROPERTY_EXAMPLES", "300"))

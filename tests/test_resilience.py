@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engine.loader import load_engine
-from app.main import create_app
-from app.settings import Settings
-from app.testing import SSEParser, running_server
+from pocketgpt.app.engine.loader import load_engine
+from pocketgpt.app.main import create_app
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import SSEParser, running_server
 from tests.conftest import make_tiny_checkpoint
 
 ABORTS = int(os.environ.get("POCKETGPT_ABORTS", "300"))

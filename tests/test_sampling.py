@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.sampling import SamplingParams, make_generator, sample
+from pocketgpt.model.sampling import SamplingParams, make_generator, sample
 
 
 def _logits(batch: int = 4, vocab: int = 50) -> torch.Tensor:

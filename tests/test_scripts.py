@@ -38,7 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         POCKETGPT_API_KEYS=API_KEY,
         POCKETGPT_ADMIN_TOKEN=ADMIN,
     )
-    argv = ["python", "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1", "--port", str(port)]
+    argv = ["python", "-m", "uvicorn", "--factory", "pocketgpt.app.main:create_app", "--host", "127.0.0.1",
+            "--port", str(port)]
     proc = Proc(argv, env=env, log=root / "server.log", cwd=root)
     base = f"http://127.0.0.1:{port}"
     try:

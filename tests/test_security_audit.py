@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-import app.jobs.manager as manager_module
-from app.jobs.process import TrainerProcess
-from app.settings import Settings
-from app.testing import running_server
+import pocketgpt.app.jobs.manager as manager_module
+from pocketgpt.app.jobs.process import TrainerProcess
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import running_server
 from tests.admin_helpers import make_app, make_settings
 from tests.conftest import make_tiny_checkpoint
 

@@ -14,11 +14,11 @@ import httpx
 import pytest
 import torch
 
-from app.engine.loader import load_engine
-from app.main import create_app
-from app.settings import Settings
-from app.testing import SSEParser, parse_sse, running_server
-from model.checkpoint import load_checkpoint
+from pocketgpt.app.engine.loader import load_engine
+from pocketgpt.app.main import create_app
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import SSEParser, parse_sse, running_server
+from pocketgpt.model.checkpoint import load_checkpoint
 from tests.conftest import make_tiny_checkpoint
 
 
@@ -370,7 +370,7 @@ def test_body_limit_per_prefix() -> None:
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from app.middleware import BodyLimitMiddleware
+    from pocketgpt.app.middleware import BodyLimitMiddleware
 
     async def echo(request: Request) -> PlainTextResponse:
         return PlainTextResponse(str(len(await request.body())))

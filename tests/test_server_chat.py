@@ -10,13 +10,13 @@ import httpx
 import openai
 import pytest
 
-from app.engine.engine import Engine
-from app.main import create_app
-from app.settings import Settings
-from app.testing import ScriptedModel, running_server
-from model.chat import ChatTemplate
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from model.vocab import add_token_rows
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.main import create_app
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import ScriptedModel, running_server
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pocketgpt.model.vocab import add_token_rows
 from tests.conftest import make_tiny_checkpoint
 
 

@@ -8,9 +8,9 @@ import httpx
 import openai
 import pytest
 
-from app.main import create_app
-from app.settings import Settings
-from app.testing import parse_sse, running_server
+from pocketgpt.app.main import create_app
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import parse_sse, running_server
 from tests.conftest import make_tiny_checkpoint
 
 

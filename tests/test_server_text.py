@@ -8,10 +8,10 @@ import json
 import httpx
 import pytest
 
-from app.main import create_app
-from app.settings import Settings
-from app.testing import byte_token_ids, parse_sse, running_server, scripted_factory
-from model.tokenizer import Tokenizer
+from pocketgpt.app.main import create_app
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import byte_token_ids, parse_sse, running_server, scripted_factory
+from pocketgpt.model.tokenizer import Tokenizer
 from tests.conftest import CHINESE
 
 SCRIPT_TEXT = CHINESE + " The END is near. 🚀 done"

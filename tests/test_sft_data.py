@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.jobs.schemas import ConfigProblem, JobRequest
-from model.chat import ChatTemplate
-from model.tokenizer import Tokenizer
-from training.config import TrainConfig, validate_config
-from training.errors import DataError, UserError
-from training.sft_data import encode_record, prepare_sft
-from training.sft_sampler import IGNORE, SFTSampler, collate
+from pocketgpt.app.jobs.schemas import ConfigProblem, JobRequest
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.tokenizer import Tokenizer
+from pocketgpt.training.config import TrainConfig, validate_config
+from pocketgpt.training.errors import DataError, UserError
+from pocketgpt.training.sft_data import encode_record, prepare_sft
+from pocketgpt.training.sft_sampler import IGNORE, SFTSampler, collate
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -12,22 +12,22 @@ import openai
 import pytest
 import torch
 
-from app.main import create_app
-from app.settings import Settings
-from app.testing import parse_sse, running_server
-from model.chat import ChatTemplate
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import preset
-from model.gpt import GPT
-from model.tokenizer import train_tokenizer
-from model.vocab import add_token_rows
-from training.cli import main as training_main
-from training.config import TrainConfig
-from training.metrics import RECORD_FIELDS, read_metrics
-from training.progress import Progress
-from training.sft_data import prepare_sft
-from training.sft_eval import answer_scores, greedy_answer
-from training.trainer import Trainer
+from pocketgpt.app.main import create_app
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import parse_sse, running_server
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint
+from pocketgpt.model.config import preset
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.tokenizer import train_tokenizer
+from pocketgpt.model.vocab import add_token_rows
+from pocketgpt.training.cli import main as training_main
+from pocketgpt.training.config import TrainConfig
+from pocketgpt.training.metrics import RECORD_FIELDS, read_metrics
+from pocketgpt.training.progress import Progress
+from pocketgpt.training.sft_data import prepare_sft
+from pocketgpt.training.sft_eval import answer_scores, greedy_answer
+from pocketgpt.training.trainer import Trainer
 
 WORDS = ["red", "blue", "green", "gold", "pink", "gray", "black", "white"]
 STEPS = 300

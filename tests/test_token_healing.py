@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.engine import Engine
-from app.engine.types import GenRequest
-from model.checkpoint import load_checkpoint
-from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.types import GenRequest
+from pocketgpt.model.checkpoint import load_checkpoint
+from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.model.tokenizer import Tokenizer
 from tests.conftest import make_tiny_checkpoint
 from tests.test_app_engine import run
 

@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import pre_tokenizers
 
-from model.tokenizer import (
+from pocketgpt.model.tokenizer import (
     BYTE_ENCODER,
     EOT,
     StreamDecoder,

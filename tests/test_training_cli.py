@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, load_train_state
+from pocketgpt.model.checkpoint import load_checkpoint, load_train_state
+from pocketgpt.training.cli import main
+from pocketgpt.training.metrics import read_metrics
 from tests.test_training_data import write_corpus
-from training.cli import main
-from training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "8", "--tokenizer-vocab", "300", "--device", "cpu"]
@@ -84,12 +84,13 @@ def test_bad_input_is_a_clear_message_with_exit_code_2(corpus: Path, tmp_path: P
 
 
 def test_bad_input_exit_code_from_a_real_process(tmp_path: Path) -> None:
-    # Through the console dispatcher (`pocketgpt train ...` execs `python -m training train ...`).
+    # Through the console dispatcher (`pocketgpt train ...` execs `python -m pocketgpt.training train ...`).
     dispatch = "import sys; from app.cli import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", dispatch, "train", "--data", str(tmp_path / "nope.txt"), "--out",
                            str(tmp_path / "run")], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "data source not found" in proc.stderr and "Traceback" not in proc.stderr
-    usage = subprocess.run([sys.executable, "-m", "training", "train", "--max-steps", "lots"], cwd=ROOT, env=env(),
+    usage = subprocess.run([sys.executable, "-m", "pocketgpt.training", "train", "--max-steps", "lots"], cwd=ROOT,
+                           env=env(),
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "invalid int value" in usage.stderr
 
@@ -98,7 +99,7 @@ def test_bad_input_exit_code_from_a_real_process(tmp_path: Path) -> None:
 def test_signal_saves_last_and_exits_with_128_plus_signal(corpus: Path, tmp_path: Path, sig, code) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training", "train", "--data", str(corpus), *TINY, "--max-steps", "100000",
+        [sys.executable, "-m", "pocketgpt.training", "train", "--data", str(corpus), *TINY, "--max-steps", "100000",
          "--eval-every", "100000", "--log-every", "5", "--out", str(run)],
         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -119,7 +120,7 @@ def test_signal_saves_last_and_exits_with_128_plus_signal(corpus: Path, tmp_path
 # Runs training with checkpoint writes that hang (after the weights file) from the third save on.
 SLOW_SAVE_DRIVER = """
 import sys, time
-import model.checkpoint as ck
+import pocketgpt.model.checkpoint as ck
 real, calls = ck.save_file, [0]
 def save_file(*args, **kwargs):
     real(*args, **kwargs)
@@ -128,7 +129,7 @@ def save_file(*args, **kwargs):
         print("IN_SAVE", flush=True)
         time.sleep(120)
 ck.save_file = save_file
-from training.cli import main
+from pocketgpt.training.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -148,7 +149,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(corpus: Path, tm
     assert load_checkpoint(run / "last").meta["step"] == 20
     assert load_train_state(run / "last")["step"] == 20
     # ... and the run carries on from it.
-    done = subprocess.run([sys.executable, "-m", "training", "train", "--resume", str(run)], cwd=ROOT, env=env(),
+    done = subprocess.run([sys.executable, "-m", "pocketgpt.training", "train", "--resume", str(run)], cwd=ROOT,
+                          env=env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(run / "last").meta["step"] == 30
@@ -164,11 +166,12 @@ def test_ddp_two_processes_match_one(corpus: Path, tmp_path: Path) -> None:
     """
     args = ["train", "--data", str(corpus), *TINY, "--max-steps", "12", "--log-every", "1", "--eval-every", "6",
             "--warmup-steps", "2", "--data-dir", str(tmp_path / "prepared")]
-    single = subprocess.run([sys.executable, "-m", "training", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+    single = subprocess.run([sys.executable, "-m", "pocketgpt.training", *args, "--out", str(tmp_path / "one")],
+                            cwd=ROOT,
                             env=env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = subprocess.run([*torchrun, "-m", "training", *args, "--out", str(tmp_path / "two")], cwd=ROOT,
+    ddp = subprocess.run([*torchrun, "-m", "pocketgpt.training", *args, "--out", str(tmp_path / "two")], cwd=ROOT,
                          env=env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr
 
@@ -196,7 +199,7 @@ def test_prepare_command_then_train_reuses_the_data(corpus: Path, tmp_path: Path
 def test_progress_bar_on_a_terminal_and_lines_otherwise() -> None:
     import io
 
-    from training.progress import Progress
+    from pocketgpt.training.progress import Progress
 
     bar_out, lines_out = io.StringIO(), io.StringIO()
     for progress in (Progress(stream=bar_out, interactive=True), Progress(stream=lines_out, interactive=False)):

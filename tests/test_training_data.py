@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.config import PRESETS
-from model.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+from pocketgpt.model.config import PRESETS
+from pocketgpt.model.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+from pocketgpt.training.cli import build_parser, normalize_argv, resolve_train_config
+from pocketgpt.training.config import MIN_TOKENIZER_VOCAB, PresetName, TrainConfig, validate_config
+from pocketgpt.training.data import load_prepared, prepare_data, token_dtype
+from pocketgpt.training.errors import DataError, UserError
+from pocketgpt.training.sources import stdlib_files, stdlib_root
 from tests.conftest import CHINESE, ENGLISH
-from training.cli import build_parser, normalize_argv, resolve_train_config
-from training.config import MIN_TOKENIZER_VOCAB, PresetName, TrainConfig, validate_config
-from training.data import load_prepared, prepare_data, token_dtype
-from training.errors import DataError, UserError
-from training.sources import stdlib_files, stdlib_root
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, load_train_state
-from model.generate import generate
-from model.sampling import SamplingParams
+from pocketgpt.model.checkpoint import load_checkpoint, load_train_state
+from pocketgpt.model.generate import generate
+from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.training.cli import main
+from pocketgpt.training.config import TrainConfig
+from pocketgpt.training.metrics import RECORD_FIELDS, read_metrics
+from pocketgpt.training.progress import Progress
+from pocketgpt.training.schedule import lr_at
+from pocketgpt.training.trainer import Trainer
 from tests.test_training_data import structured_corpus, write_corpus
-from training.cli import main
-from training.config import TrainConfig
-from training.metrics import RECORD_FIELDS, read_metrics
-from training.progress import Progress
-from training.schedule import lr_at
-from training.trainer import Trainer
 
 TINY = {"preset": "tiny", "block_size": 32, "batch_size": 16, "tokenizer_vocab": 300, "device": "cpu"}
 
@@ -166,7 +166,7 @@ def test_eval_command_reports_loss_bleu_and_rouge(trained: tuple[Path, Path], ca
 
 
 def test_eval_prompts_file_and_chinese_scoring(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
-    from training.evaluate import RougeTokenizer, text_metrics
+    from pocketgpt.training.evaluate import RougeTokenizer, text_metrics
 
     assert RougeTokenizer().tokenize("床前明月光, Moon light!") == ["床", "前", "明", "月", "光", "moon", "light"]
     perfect = text_metrics(["床前明月光，疑是地上霜。"], ["床前明月光，疑是地上霜。"])

@@ -1,8 +1,8 @@
-"""`python -m training [train|prepare|eval|import-hf] ...`; see training.cli."""
+"""`python -m pocketgpt.training [train|prepare|eval|import-hf] ...`; see training.cli."""
 
 import sys
 
-from training.cli import main
+from pocketgpt.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,14 +1,14 @@
 """Train, prepare data for, and evaluate a pocketgpt model.
 
 usage:
-  python -m training train --data PATH_OR_stdlib --preset tiny --max-steps N --out RUN_DIR
-  python -m training train --resume RUN_DIR [--max-steps N]        continue RUN_DIR/last exactly
-  python -m training train --init-from CHECKPOINT_DIR --data new.txt --out RUN_DIR
-  python -m training prepare --data PATH... --out RUN_DIR          tokenize only (RUN_DIR/data)
-  python -m training train --task sft --init-from CHECKPOINT_DIR --data pairs.jsonl --out RUN_DIR
-  python -m training eval --checkpoint DIR --data PATH [--prompts FILE] [--sft FILE] [--json]
-  python -m training import-hf HF_MODEL_DIR --out CHECKPOINT_DIR  a local GPT-2-format model (no download)
-  torchrun --nproc_per_node=N -m training train ...                several processes (DDP)
+  python -m pocketgpt.training train --data PATH_OR_stdlib --preset tiny --max-steps N --out RUN_DIR
+  python -m pocketgpt.training train --resume RUN_DIR [--max-steps N]        continue RUN_DIR/last exactly
+  python -m pocketgpt.training train --init-from CHECKPOINT_DIR --data new.txt --out RUN_DIR
+  python -m pocketgpt.training prepare --data PATH... --out RUN_DIR          tokenize only (RUN_DIR/data)
+  python -m pocketgpt.training train --task sft --init-from CHECKPOINT_DIR --data pairs.jsonl --out RUN_DIR
+  python -m pocketgpt.training eval --checkpoint DIR --data PATH [--prompts FILE] [--sft FILE] [--json]
+  python -m pocketgpt.training import-hf HF_MODEL_DIR --out CHECKPOINT_DIR  a local GPT-2-format model (no download)
+  torchrun --nproc_per_node=N -m pocketgpt.training train ...                several processes (DDP)
 `pocketgpt train|prepare|eval|import-hf ...` runs the same. Without a subcommand, `train` is meant.
 
 --data takes files, folders, glob patterns, .jsonl files (a "text" field per line) and `stdlib`, the
@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from training.config import TrainConfig, load_config_file, validate_config
-from training.errors import UserError
+from pocketgpt.training.config import TrainConfig, load_config_file, validate_config
+from pocketgpt.training.errors import UserError
 
 COMMANDS = ("train", "prepare", "eval", "import-hf")
 PREPARE_FIELDS = ("data", "out", "data_dir", "val_fraction", "tokenizer_vocab", "init_from")
@@ -77,7 +77,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pocketgpt.training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,prepare,eval,import-hf}")
     train = sub.add_parser("train", help="train a model (the default)", description=__doc__,
@@ -87,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="train the tokenizer and tokenize the data only")
     _add_config_flags(prepare, PREPARE_FIELDS)
     prepare.set_defaults(func=cmd_prepare)
-    from training.evaluate import add_eval_arguments, cmd_eval  # light: heavy imports are inside cmd_eval
+    from pocketgpt.training.evaluate import add_eval_arguments, cmd_eval  # light: heavy imports are inside cmd_eval
 
     evaluate = sub.add_parser("eval", help="loss, perplexity, bits per byte, BLEU and ROUGE of a checkpoint")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
-    from training import import_hf  # light, like training.evaluate: heavy imports are inside its command
+    from pocketgpt.training import import_hf  # light, like training.evaluate: heavy imports are inside its command
 
     convert = sub.add_parser("import-hf", help="convert a local Hugging Face GPT-2 model into a checkpoint",
                              description=import_hf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +117,7 @@ def resolve_train_config(ns: argparse.Namespace) -> TrainConfig:
 
 
 def _saved_config(run: Path) -> dict[str, Any]:
-    from model.checkpoint import CheckpointError, read_meta
+    from pocketgpt.model.checkpoint import CheckpointError, read_meta
 
     try:
         config = read_meta(run / "last").get("config")
@@ -164,9 +164,9 @@ def stop_on_signals(stop: Callable[[int], None]) -> Iterator[None]:
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = resolve_train_config(ns)
     _check_fresh_out(cfg)
-    from training.distributed import init_distributed, shutdown
-    from training.metrics import METRICS_FILENAME, MetricsWriter
-    from training.trainer import Trainer
+    from pocketgpt.training.distributed import init_distributed, shutdown
+    from pocketgpt.training.metrics import METRICS_FILENAME, MetricsWriter
+    from pocketgpt.training.trainer import Trainer
 
     ctx = init_distributed(cfg.device)
     metrics = MetricsWriter(Path(cfg.out) / METRICS_FILENAME if ctx.is_main else None)
@@ -194,8 +194,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
     cfg = resolve_train_config(ns)
-    from model.tokenizer import Tokenizer
-    from training.data import prepare_data
+    from pocketgpt.model.tokenizer import Tokenizer
+    from pocketgpt.training.data import prepare_data
 
     tokenizer = None
     if cfg.init_from:
@@ -216,7 +216,7 @@ def _log_stderr(message: str) -> None:
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
-    """No subcommand means `train` (`python -m training --data x` trains)."""
+    """No subcommand means `train` (`python -m pocketgpt.training --data x` trains)."""
     if argv and (argv[0] in COMMANDS or argv[0] in ("-h", "--help")):
         return argv
     return ["train", *argv]

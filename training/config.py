@@ -2,7 +2,7 @@
 
 This module imports neither torch nor the model package, so the server can import it cheaply to validate a
 training job at the edge: `TrainConfig.model_validate(job)`; `to_argv()` turns a config back into the
-`python -m training train` command line that runs it.
+`python -m pocketgpt.training train` command line that runs it.
 
 Precedence when the command line builds a config: defaults < the saved config of a resumed run (`--resume`)
 < a config file (`--config`, TOML or JSON, flat keys named like the fields) < flags given explicitly.
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.errors import UserError
+from pocketgpt.training.errors import UserError
 
 PresetName = Literal["tiny", "small", "gpt2"]  # the keys of model.config.PRESETS (a test keeps them equal)
 STDLIB = "stdlib"  # the built-in corpus: the running interpreter's standard library sources

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from model.tokenizer import Tokenizer, train_tokenizer
-from training.errors import DataError
-from training.sources import ReadStats, SourceFile, expand_sources, iter_documents
+from pocketgpt.model.tokenizer import Tokenizer, train_tokenizer
+from pocketgpt.training.errors import DataError
+from pocketgpt.training.sources import ReadStats, SourceFile, expand_sources, iter_documents
 
 FORMAT_VERSION = 1
 TOKENIZER_SAMPLE_BYTES = 20_000_000  # BPE training time grows with the sample; 20 MB is plenty for merges

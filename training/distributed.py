@@ -1,6 +1,6 @@
 """torchrun / DistributedDataParallel glue.
 
-`torchrun --nproc_per_node=N -m training train ...` sets RANK, LOCAL_RANK and WORLD_SIZE; without them
+`torchrun --nproc_per_node=N -m pocketgpt.training train ...` sets RANK, LOCAL_RANK and WORLD_SIZE; without them
 everything here is a no-op for one process. NCCL on GPUs, gloo on CPUs. Only rank 0 writes files: it prepares
 the data while the others wait at a barrier, then they read what it wrote (a multi-node run needs the run
 directory on a shared filesystem). See training.sampler for how the data is split across ranks.

@@ -1,4 +1,4 @@
-"""`python -m training eval`: how well a checkpoint models a text.
+"""`python -m pocketgpt.training eval`: how well a checkpoint models a text.
 
 - loss, perplexity and bits per byte over the text, cut into consecutive context-sized windows (every token
   scored once; bytes counted exactly from the tokens scored);
@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from training.errors import DataError, UserError
+from pocketgpt.training.errors import DataError, UserError
 
 CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _CJK_CHAR = re.compile(f"([{CJK}])")
@@ -72,7 +72,7 @@ def corpus_tokens(specs: list[str], tokenizer: Any, limit: int) -> Any:
     """Token ids of the documents of `specs` joined by EOT, cut to `limit` tokens (int64 numpy array)."""
     import numpy as np
 
-    from training.sources import ReadStats, expand_sources, iter_documents
+    from pocketgpt.training.sources import ReadStats, expand_sources, iter_documents
 
     ids: list[int] = []
     for doc in iter_documents(expand_sources(specs), ReadStats()):
@@ -145,8 +145,8 @@ def pairs_from_file(path: str, tokenizer: Any, block_size: int) -> list[tuple]:
 
 def continuation_metrics(model: Any, tokenizer: Any, pairs: list[tuple]) -> dict[str, Any]:
     """BLEU/ROUGE of greedy continuations (as long as each reference) and a few examples."""
-    from model.generate import generate
-    from model.sampling import SamplingParams
+    from pocketgpt.model.generate import generate
+    from pocketgpt.model.sampling import SamplingParams
 
     hyps, refs, examples = [], [], []
     for prompt, ref in pairs:
@@ -160,9 +160,9 @@ def continuation_metrics(model: Any, tokenizer: Any, pairs: list[tuple]) -> dict
 
 def evaluate_checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
     """All metrics for the `eval` arguments in `ns`."""
-    from model.checkpoint import CheckpointError, load_checkpoint
-    from training.data import token_byte_lengths
-    from training.distributed import DistContext, pick_device
+    from pocketgpt.model.checkpoint import CheckpointError, load_checkpoint
+    from pocketgpt.training.data import token_byte_lengths
+    from pocketgpt.training.distributed import DistContext, pick_device
 
     if not ns.data and not ns.prompts and not ns.sft:
         raise UserError("give the text to evaluate on with --data (and/or held-out pairs with --prompts or --sft)")
@@ -190,8 +190,8 @@ def evaluate_checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
 
 def sft_metrics(ckpt: Any, path: str, batch_size: int, device: Any) -> dict[str, Any]:
     """Answer loss and scores of a checkpoint on a file of fine-tuning examples."""
-    from training.sft_data import encode_all, read_records
-    from training.sft_eval import evaluate_sft
+    from pocketgpt.training.sft_data import encode_all, read_records
+    from pocketgpt.training.sft_eval import evaluate_sft
 
     examples, dropped = encode_all(read_records([path]), ckpt.tokenizer, ckpt.chat_template,
                                    ckpt.config.block_size)

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.tokenizer import EOT, Tokenizer
-from training.errors import UserError
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.tokenizer import EOT, Tokenizer
+from pocketgpt.training.errors import UserError
 
 # HF names of GELU with the tanh approximation (what our MLP computes); exact erf GELU would differ slightly.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")

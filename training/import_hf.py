@@ -1,4 +1,4 @@
-"""`python -m training import-hf DIR --out CHECKPOINT`: a local Hugging Face GPT-2 model -> pocketgpt checkpoint.
+"""`python -m pocketgpt.training import-hf DIR --out CHECKPOINT`: a local Hugging Face GPT-2 model -> a checkpoint.
 
 DIR is a model folder on disk as `save_pretrained` writes it (nothing is downloaded):
 
@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.errors import UserError
+from pocketgpt.training.errors import UserError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
@@ -42,7 +42,7 @@ def _weight_files(root: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     if (root / SAFETENSORS).is_file():
         return [root / SAFETENSORS], False
     if (root / SAFETENSORS_INDEX).is_file():
-        from training.hf_convert import read_json
+        from pocketgpt.training.hf_convert import read_json
 
         weight_map = read_json(root / SAFETENSORS_INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -81,9 +81,15 @@ def find_files(root: Path, allow_pickle: bool = False) -> HFFiles:
 
 def import_hf(src: str | Path, out: str | Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
     """Convert the GPT-2-format model in `src` into a checkpoint directory `out`; returns its path."""
-    from model.checkpoint import save_checkpoint
-    from model.gpt import GPT
-    from training.hf_convert import gpt2_model_config, gpt2_state_dict, gpt2_tokenizer, read_json, read_weights
+    from pocketgpt.model.checkpoint import save_checkpoint
+    from pocketgpt.model.gpt import GPT
+    from pocketgpt.training.hf_convert import (
+        gpt2_model_config,
+        gpt2_state_dict,
+        gpt2_tokenizer,
+        read_json,
+        read_weights,
+    )
 
     root, target = Path(src), Path(out)
     if target.exists() and not overwrite:
@@ -117,7 +123,7 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_import_hf(ns: argparse.Namespace) -> int:
     path = import_hf(ns.source, ns.out, allow_pickle=ns.allow_pickle, overwrite=ns.overwrite)
-    from model.checkpoint import load_checkpoint
+    from pocketgpt.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)  # read back: proves the checkpoint is whole and loadable
     c = ckpt.config

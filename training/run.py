@@ -18,21 +18,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.chat import ChatTemplate
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_train_state
-from model.config import ModelConfig, preset
-from model.gpt import GPT
-from model.tokenizer import Tokenizer
-from model.vocab import add_token_rows
-from training.config import TrainConfig
-from training.data import PreparedData, load_prepared, prepare_data
-from training.distributed import DistContext, main_then_others, pick_device, wrap_model
-from training.errors import UserError
-from training.optim import make_optimizer
-from training.sampler import WindowSampler
-from training.sft_data import SFTData, prepare_sft
-from training.sft_sampler import SFTSampler
-from training.state import restore_rng
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_train_state
+from pocketgpt.model.config import ModelConfig, preset
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.tokenizer import Tokenizer
+from pocketgpt.model.vocab import add_token_rows
+from pocketgpt.training.config import TrainConfig
+from pocketgpt.training.data import PreparedData, load_prepared, prepare_data
+from pocketgpt.training.distributed import DistContext, main_then_others, pick_device, wrap_model
+from pocketgpt.training.errors import UserError
+from pocketgpt.training.optim import make_optimizer
+from pocketgpt.training.sampler import WindowSampler
+from pocketgpt.training.sft_data import SFTData, prepare_sft
+from pocketgpt.training.sft_sampler import SFTSampler
+from pocketgpt.training.state import restore_rng
 
 
 @dataclass

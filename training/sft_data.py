@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.chat import ChatTemplate
-from model.tokenizer import Tokenizer
-from training.config import STDLIB
-from training.errors import DataError
-from training.sources import expand_sources
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.tokenizer import Tokenizer
+from pocketgpt.training.config import STDLIB
+from pocketgpt.training.errors import DataError
+from pocketgpt.training.sources import expand_sources
 
 FORMAT_VERSION = 1
 

@@ -1,7 +1,7 @@
 """How well a fine-tuned model answers held-out examples: loss on the answer tokens, and greedy answers scored
 against the references (exact match, BLEU, ROUGE via training.evaluate).
 
-Shared by the trainer's periodic evaluation (task sft) and `python -m training eval --sft FILE`.
+Shared by the trainer's periodic evaluation (task sft) and `python -m pocketgpt.training eval --sft FILE`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.generate import stream_tokens
-from model.gpt import GPT
-from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
-from training.evaluate import text_metrics
-from training.sft_data import SFTExample
-from training.sft_sampler import IGNORE, collate
+from pocketgpt.model.generate import stream_tokens
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.model.tokenizer import Tokenizer
+from pocketgpt.training.evaluate import text_metrics
+from pocketgpt.training.sft_data import SFTExample
+from pocketgpt.training.sft_sampler import IGNORE, collate
 
 MAX_SCORED = 64  # held-out answers generated per evaluation: greedy decoding is the slow part
 EXTRA_TOKENS = 8  # generate this much past the reference's length, so a rambling answer shows as wrong

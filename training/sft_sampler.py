@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from training.sft_data import SFTExample
+from pocketgpt.training.sft_data import SFTExample
 
 IGNORE = -1  # the GPT's cross-entropy ignore_index
 

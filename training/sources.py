@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.config import STDLIB
-from training.errors import DataError
+from pocketgpt.training.config import STDLIB
+from pocketgpt.training.errors import DataError
 
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 BINARY_SNIFF_BYTES = 8192

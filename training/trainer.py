@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.generate import generate
-from model.sampling import SamplingParams
-from training.config import TrainConfig
-from training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
-from training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
-from training.progress import Progress
-from training.run import Run, build_run
-from training.sampler import eval_windows, windows_at
-from training.schedule import lr_at
-from training.state import capture_rng
+from pocketgpt.model.checkpoint import save_checkpoint
+from pocketgpt.model.generate import generate
+from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.training.config import TrainConfig
+from pocketgpt.training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
+from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
+from pocketgpt.training.progress import Progress
+from pocketgpt.training.run import Run, build_run
+from pocketgpt.training.sampler import eval_windows, windows_at
+from pocketgpt.training.schedule import lr_at
+from pocketgpt.training.state import capture_rng
 
 
 @dataclass
@@ -217,7 +217,7 @@ class Trainer:
         return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, sample=sample)
 
     def _evaluate_sft(self) -> EvalResult:
-        from training.sft_eval import evaluate_sft
+        from pocketgpt.training.sft_eval import evaluate_sft
 
         r = self.run_state
         ev = evaluate_sft(r.model, r.tokenizer, r.data.val, self.cfg.batch_size, r.device, self._autocast)

@@ -28,16 +28,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.engine.graphs import GraphDecoder
-from app.engine.scheduler import Scheduler, Sequence
-from app.engine.stream import TextStream
-from app.engine.types import DoneEvent, EngineClosed, ErrorEvent, Event, FinishReason, GenRequest, Ticket, TokenEvent
-from model.checkpoint import Checkpoint
-from model.kv_cache import KVCache
-from model.sampling import make_generator, sample
+from pocketgpt.app.engine.graphs import GraphDecoder
+from pocketgpt.app.engine.scheduler import Scheduler, Sequence
+from pocketgpt.app.engine.stream import TextStream
+from pocketgpt.app.engine.types import (
+    DoneEvent,
+    EngineClosed,
+    ErrorEvent,
+    Event,
+    FinishReason,
+    GenRequest,
+    Ticket,
+    TokenEvent,
+)
+from pocketgpt.model.checkpoint import Checkpoint
+from pocketgpt.model.kv_cache import KVCache
+from pocketgpt.model.sampling import make_generator, sample
 
 if TYPE_CHECKING:
-    from app.metrics import Metrics
+    from pocketgpt.app.metrics import Metrics
 
 log = logging.getLogger("pocketgpt.engine")
 

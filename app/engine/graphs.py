@@ -19,8 +19,8 @@ import logging
 
 import torch
 
-from model.gpt import GPT
-from model.kv_cache import KVCache, StaticBatch
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.kv_cache import KVCache, StaticBatch
 
 log = logging.getLogger("pocketgpt.engine")
 

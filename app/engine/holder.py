@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from app.engine.engine import Engine
+from pocketgpt.app.engine.engine import Engine
 
 log = logging.getLogger("pocketgpt.engine")
 

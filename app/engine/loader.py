@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.engine.engine import Engine
-from model.checkpoint import load_checkpoint
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.model.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
-    from app.metrics import Metrics
-    from app.settings import Settings
+    from pocketgpt.app.metrics import Metrics
+    from pocketgpt.app.settings import Settings
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,

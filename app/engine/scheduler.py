@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.stream import TextStream
-from app.engine.types import EngineClosed, GenRequest, QueueFull, Ticket
+from pocketgpt.app.engine.stream import TextStream
+from pocketgpt.app.engine.types import EngineClosed, GenRequest, QueueFull, Ticket
 
 
 @dataclass(eq=False)

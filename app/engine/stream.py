@@ -7,7 +7,7 @@ string is released and everything from the stop string on is dropped.
 
 from __future__ import annotations
 
-from model.tokenizer import StreamDecoder, Tokenizer
+from pocketgpt.model.tokenizer import StreamDecoder, Tokenizer
 
 
 class StopHolder:

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.sampling import SamplingParams
+from pocketgpt.model.sampling import SamplingParams
 
 FinishReason = Literal["eos", "stop_sequence", "length"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.jobs.store import Dataset, JobStore
+from pocketgpt.app.jobs.store import Dataset, JobStore
 
 DATASETS_SUBDIR = "datasets"
 STDLIB = "stdlib"  # the trainer's built-in corpus (Python's standard library sources)

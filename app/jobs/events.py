@@ -12,9 +12,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.jobs.manager import JobManager
-from app.jobs.metrics import MetricsTail
-from app.jobs.store import Job
+from pocketgpt.app.jobs.manager import JobManager
+from pocketgpt.app.jobs.metrics import MetricsTail
+from pocketgpt.app.jobs.store import Job
 
 
 def job_view(job: Job) -> dict[str, Any]:

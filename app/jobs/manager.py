@@ -1,4 +1,4 @@
-"""The job manager: a FIFO queue of training jobs, each run as its own `python -m training train` process.
+"""The job manager: a FIFO queue of training jobs, each run as its own `python -m pocketgpt.training train` process.
 
 Lifecycle, all persisted in the store so a server restart loses nothing:
 
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.jobs.metrics import METRICS_FILE, Attempt, MetricsTail, apply_record
-from app.jobs.process import LOG_FILE, TrainerProcess, final_status, tail_lines
-from app.jobs.store import (
+from pocketgpt.app.jobs.metrics import METRICS_FILE, Attempt, MetricsTail, apply_record
+from pocketgpt.app.jobs.process import LOG_FILE, TrainerProcess, final_status, tail_lines
+from pocketgpt.app.jobs.store import (
     CANCELLED,
     FAILED,
     INTERRUPTED,
@@ -43,7 +43,7 @@ from app.jobs.store import (
 
 log = logging.getLogger("pocketgpt.jobs")
 
-DEFAULT_TRAINER_CMD = [sys.executable, "-m", "training", "train"]
+DEFAULT_TRAINER_CMD = [sys.executable, "-m", "pocketgpt.training", "train"]
 RESUMABLE = (INTERRUPTED, CANCELLED)
 # Called with a succeeded job's checkpoint directory when it asked to be served; returns nothing, raises on error.
 ServeHook = Callable[[Path], Awaitable[Any]]
@@ -105,8 +105,9 @@ class JobManager:
     ) -> None:
         self.store = store
         self.checkpoint_dir = Path(checkpoint_dir).resolve()
-        # The trainer runs from the project root so `python -m training` finds the package.
-        self.project_dir = Path(project_dir or Path(__file__).resolve().parents[2])
+        # Relative paths and the trainer's working directory are the server's own; the trainer finds the package
+        # through its environment (pocketgpt.launch), whatever that folder holds.
+        self.project_dir = Path(project_dir or Path.cwd())
         self.trainer_cmd = list(trainer_cmd or DEFAULT_TRAINER_CMD)
         self.max_concurrent = max(1, max_concurrent)
         self.cancel_grace_s = cancel_grace_s

@@ -16,8 +16,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-from app.jobs.metrics import Attempt
-from app.jobs.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED
+from pocketgpt.app.jobs.metrics import Attempt
+from pocketgpt.app.jobs.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED
+from pocketgpt.launch import child_env
 
 LOG_FILE = "train.log"
 SECRET_ENV = ("POCKETGPT_ADMIN_TOKEN", "POCKETGPT_API_KEYS")  # never passed on to a trainer
@@ -39,7 +40,7 @@ class TrainerProcess:
         # The server's secrets stay in the server: a trainer (which runs user-chosen data and settings, and whose
         # log is readable over the admin API) has no use for the admin token or the inference keys.
         inherited = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = child_env({**inherited, "PYTHONUNBUFFERED": "1", **(env or {})})
         with open(log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"=== {stamp} pocketgpt: starting {' '.join(argv)}\n".encode())

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from model.config import preset as model_preset
-from training.config import TrainConfig
+from pocketgpt.model.config import preset as model_preset
+from pocketgpt.training.config import TrainConfig
 
 Preset = Literal["tiny", "small", "gpt2"]
 DataSource = Annotated[str, Field(min_length=1, max_length=1024)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.engine.holder import EngineHolder
-from app.jobs.manager import JobManager
-from app.jobs.store import JobStore
-from app.settings import Settings
+from pocketgpt.app.engine.holder import EngineHolder
+from pocketgpt.app.jobs.manager import JobManager
+from pocketgpt.app.jobs.store import JobStore
+from pocketgpt.app.settings import Settings
 
 
 def admin_enabled(settings: Settings) -> bool:

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse
 
-from app.errors import APIError
-from app.jobs.checkpoints import list_checkpoints
-from app.jobs.datasets import (
+from pocketgpt.app.errors import APIError
+from pocketgpt.app.jobs.checkpoints import list_checkpoints
+from pocketgpt.app.jobs.datasets import (
     DATASET_ID,
     DataPathError,
     UploadInvalid,
@@ -27,11 +27,11 @@ from app.jobs.datasets import (
     resolve_data_source,
     save_upload,
 )
-from app.jobs.events import job_events, job_view
-from app.jobs.manager import JobConflict, JobManager, JobNotFound
-from app.jobs.process import tail_lines
-from app.jobs.schemas import ConfigProblem, JobRequest, ModelSwapRequest
-from app.jobs.store import LIVE_STATUSES, TERMINAL_STATUSES
+from pocketgpt.app.jobs.events import job_events, job_view
+from pocketgpt.app.jobs.manager import JobConflict, JobManager, JobNotFound
+from pocketgpt.app.jobs.process import tail_lines
+from pocketgpt.app.jobs.schemas import ConfigProblem, JobRequest, ModelSwapRequest
+from pocketgpt.app.jobs.store import LIVE_STATUSES, TERMINAL_STATUSES
 
 log = logging.getLogger("pocketgpt.admin")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pocketgpt-admin"'}

@@ -17,14 +17,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.auth import require_api_key
-from app.context import AppContext, get_ctx, start_generation, watch_disconnect
-from app.engine.engine import Engine
-from app.errors import APIError
-from app.generation import Generation, PromptRenderer, wait_or_cancel
-from app.routes.openai import openai_chunks
-from app.schemas import ChatCompletionRequest, openai_finish_reason
-from model.chat import ChatTemplate
+from pocketgpt.app.auth import require_api_key
+from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.errors import APIError
+from pocketgpt.app.generation import Generation, PromptRenderer, wait_or_cancel
+from pocketgpt.app.routes.openai import openai_chunks
+from pocketgpt.app.schemas import ChatCompletionRequest, openai_finish_reason
+from pocketgpt.model.chat import ChatTemplate
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 

@@ -15,11 +15,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.auth import require_api_key
-from app.context import AppContext, get_ctx, start_generation, watch_disconnect
-from app.errors import APIError
-from app.generation import Generation, wait_or_cancel
-from app.schemas import GenerateRequest
+from pocketgpt.app.auth import require_api_key
+from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
+from pocketgpt.app.errors import APIError
+from pocketgpt.app.generation import Generation, wait_or_cancel
+from pocketgpt.app.schemas import GenerateRequest
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 

@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from app.auth import require_api_key
-from app.context import AppContext, get_ctx
-from app.errors import APIError
-from app.metrics import CONTENT_TYPE
+from pocketgpt.app.auth import require_api_key
+from pocketgpt.app.context import AppContext, get_ctx
+from pocketgpt.app.errors import APIError
+from pocketgpt.app.metrics import CONTENT_TYPE
 
 router = APIRouter()
 
