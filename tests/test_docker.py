@@ -282,7 +282,7 @@ def test_entrypoint_bootstraps_the_starter_then_serves_and_second_start_skips_tr
     try:
         # `exec`: the process we started *is* the server now, so signals reach it directly.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"app.cli" in cmdline and b"serve" in cmdline, cmdline
+        assert b"pocketgpt.app.cli" in cmdline and b"serve" in cmdline, cmdline
         status, body = request("POST", f"{base}/v1/generate", {"prompt": "def ", "max_new_tokens": 8,
                                                                 "temperature": 0})
         assert status == 200 and body["usage"]["completion_tokens"] >= 1, body
