@@ -166,7 +166,12 @@ class Generation:
         """Run to the end and return the result."""
         async for _ in self.tokens():
             pass
-        assert self.result is not None
+        return self.final()
+
+    def final(self) -> GenerationResult:
+        """The result once `tokens()` has run out; APIError 500 if the request ended without one (cancelled)."""
+        if self.result is None:
+            raise APIError(500, "the generation ended without a result (it was cancelled)", code="cancelled")
         return self.result
 
     def cancel(self) -> None:

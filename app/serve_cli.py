@@ -108,8 +108,7 @@ async def _generate(settings: Settings, prompt: str, args: argparse.Namespace) -
         async for token in generation.tokens():
             sys.stdout.write(token.text)
             sys.stdout.flush()
-        result = generation.result
-        assert result is not None
+        result = generation.final()
         sys.stdout.write("\n")
         print(f"[{result.completion_tokens} tokens, {result.finish_reason}, seed {result.seed}, "
               f"{result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)

@@ -106,12 +106,13 @@ def gpt2_state_dict(hf: dict[str, torch.Tensor], model: GPT) -> dict[str, torch.
 
 def gpt2_tokenizer(tokenizer_json: Path | None, vocab_merges: tuple[Path, Path] | None) -> Tokenizer:
     """Our Tokenizer from tokenizer.json, or a byte-level BPE built from GPT-2's vocab.json + merges.txt."""
+    if tokenizer_json is None and vocab_merges is None:
+        raise UserError("no tokenizer: need tokenizer.json, or vocab.json and merges.txt")
     try:
         if tokenizer_json is not None:
             hf = HFTokenizer.from_file(str(tokenizer_json))
         else:
-            assert vocab_merges is not None
-            vocab, merges = vocab_merges
+            vocab, merges = vocab_merges  # type: ignore[misc]  # not None: checked above
             hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             hf.decoder = decoders.ByteLevel()

@@ -105,7 +105,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) ->
 
     data: PreparedData | SFTData
     if cfg.task == "sft":
-        assert ckpt is not None  # TrainConfig requires init_from or resume for sft
+        if ckpt is None:  # TrainConfig refuses this already; an explicit check survives `python -O`
+            raise UserError("task 'sft' needs init_from or resume: a checkpoint with a tokenizer to fine-tune")
         # Every rank reads and encodes the (small) example files itself: nothing is written to share.
         data = prepare_sft(cfg.data, ckpt.tokenizer, ckpt.chat_template, block_size=ckpt.config.block_size,
                            val_fraction=cfg.val_fraction, seed=cfg.seed, log=log)

@@ -316,7 +316,8 @@ class JobManager:
         try:
             if path is None:
                 raise FileNotFoundError(f"job {job.id} left no checkpoint to serve")
-            assert self.on_serve is not None
+            if self.on_serve is None:
+                raise RuntimeError("no serve callback is set")
             await self.on_serve(path)
             self.store.update_job(job.id, served_checkpoint=self.checkpoint_name(str(path)))
         except asyncio.CancelledError:

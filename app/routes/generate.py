@@ -32,8 +32,7 @@ async def _events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
     try:
         async for token in generation.tokens():
             yield ServerSentEvent(_dumps({"index": token.index, "id": token.id, "text": token.text}), event="token")
-        assert generation.result is not None
-        yield ServerSentEvent(_dumps(generation.result.to_dict()), event="done")
+        yield ServerSentEvent(_dumps(generation.final().to_dict()), event="done")
     except APIError as exc:
         yield ServerSentEvent(_dumps(exc.body()), event="error")
 

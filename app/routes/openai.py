@@ -60,8 +60,7 @@ async def openai_chunks(
         async for token in generation.tokens():
             if token.text:  # a held-back token (half a character, a possible stop string) has nothing to show
                 yield chunk(piece(token.text))
-        result = generation.result
-        assert result is not None
+        result = generation.final()
         yield chunk(finish(openai_finish_reason(result.finish_reason)))
         if include_usage:
             yield ServerSentEvent(dumps({**head, "choices": [], "usage": result.usage()}))
