@@ -32,6 +32,7 @@ from pocketgpt.app.jobs.manager import JobConflict, JobManager, JobNotFound
 from pocketgpt.app.jobs.process import tail_lines
 from pocketgpt.app.jobs.schemas import ConfigProblem, JobRequest, ModelSwapRequest
 from pocketgpt.app.jobs.store import LIVE_STATUSES, TERMINAL_STATUSES
+from pocketgpt.app.sse import ping_interval
 
 log = logging.getLogger("pocketgpt.admin")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pocketgpt-admin"'}
@@ -120,7 +121,7 @@ async def job_event_stream(job_id: str, request: Request, manager: JobManager = 
     _job_or_404(manager, job_id)
     last = request.headers.get("last-event-id", "0")
     return EventSourceResponse(job_events(manager, job_id, int(last) if last.isdigit() else 0),
-                               ping=request.app.state.settings.sse_ping)
+                               ping=ping_interval(request.app.state.settings.sse_ping))
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)

@@ -24,6 +24,7 @@ from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, PromptRenderer, wait_or_cancel
 from pocketgpt.app.routes.openai import openai_chunks
 from pocketgpt.app.schemas import ChatCompletionRequest, openai_finish_reason
+from pocketgpt.app.sse import ping_interval
 from pocketgpt.model.chat import ChatTemplate
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -70,7 +71,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     generation = start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(generation, include_usage), ping=ctx.settings.sse_ping)
+        return EventSourceResponse(_chunks(generation, include_usage), ping=ping_interval(ctx.settings.sse_ping))
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)

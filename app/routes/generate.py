@@ -20,6 +20,7 @@ from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_d
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, wait_or_cancel
 from pocketgpt.app.schemas import GenerateRequest
+from pocketgpt.app.sse import ping_interval
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -43,7 +44,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: AppContext = De
     spec = body.to_spec(ctx.settings)
     generation = start_generation(ctx, spec, request)
     if body.stream:
-        return EventSourceResponse(_events(generation), ping=ctx.settings.sse_ping)
+        return EventSourceResponse(_events(generation), ping=ping_interval(ctx.settings.sse_ping))
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)  # client closed the request; nobody reads this

@@ -21,6 +21,7 @@ from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_d
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, wait_or_cancel
 from pocketgpt.app.schemas import CompletionRequest, openai_finish_reason
+from pocketgpt.app.sse import ping_interval
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -81,7 +82,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: AppContext
     generation = start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(generation, include_usage), ping=ctx.settings.sse_ping)
+        return EventSourceResponse(_chunks(generation, include_usage), ping=ping_interval(ctx.settings.sse_ping))
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)
