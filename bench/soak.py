@@ -1,7 +1,10 @@
 """Soak test: many concurrent streaming clients against a real server process for minutes, on loopback only.
 
     python bench/soak.py                       # 32 clients, 5 minutes, a random-init `small`-shaped model
-    python bench/soak.py --duration 60 --clients 8 --json soak.json
+    python bench/soak.py --duration 60 --clients 16 --note "shared machine"   # what docs/benchmarks/soak.json holds
+
+Results go to docs/benchmarks/soak.json (or --json); README.md and docs/reliability.md quote them from there
+(`python -m bench.figures` rewrites those quotes).
 
 The server is `pocketgpt serve` in a child process on 127.0.0.1 (a free port), serving a freshly initialised
 checkpoint of the `small` preset (random weights are fine: the point is the server, not the text). Each client
@@ -11,7 +14,8 @@ text is the concatenation of the token events and its usage counts them, then th
 Reported: requests completed and failed (by kind), time to first token and inter-token latency (p50/p90/p99,
 measured by the clients), tokens per second, the server's resident memory (VmRSS) sampled every few seconds,
 and the machine's load average (other work on the machine slows everything down; it is printed so the figures
-can be read against it). Exit status 1 if any request failed or the memory kept growing in the last third.
+can be read against it; --note records anything else about the run). Exit status 1 if any request failed or
+the memory kept growing in the last third.
 Nothing here talks to anything but 127.0.0.1, and everything stops when the duration is up.
 """
 
@@ -22,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -98,8 +103,7 @@ class Tally:
 
 async def client_loop(base: str, deadline: float, tally: Tally, rng: random.Random, max_new: int) -> None:
     import httpx
-
-    from pocketgpt.app.testing import SSEParser
+    from httpx_sse import SSEError, aconnect_sse
 
     async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(120, connect=10)) as client:
         while time.monotonic() < deadline:
@@ -110,16 +114,13 @@ async def client_loop(base: str, deadline: float, tally: Tally, rng: random.Rand
             texts: list[str] = []
             done = None
             try:
-                async with client.stream("POST", "/v1/generate", json=body) as r:
-                    if r.status_code != 200:
-                        tally.error(f"http_{r.status_code}", (await r.aread()).decode(errors="replace"))
+                async with aconnect_sse(client, "POST", "/v1/generate", json=body) as source:
+                    if source.response.status_code != 200:
+                        tally.error(f"http_{source.response.status_code}",
+                                    (await source.response.aread()).decode(errors="replace"))
                         continue
-                    parser = SSEParser()
-                    async for line in r.aiter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        kind, data = event
+                    async for sse in source.aiter_sse():
+                        kind, data = sse.event, sse.data
                         if kind == "token":
                             now = time.perf_counter()
                             if last is None:
@@ -132,7 +133,7 @@ async def client_loop(base: str, deadline: float, tally: Tally, rng: random.Rand
                             done = json.loads(data)
                         elif kind == "error":
                             tally.error("error_event", data)
-            except (httpx.HTTPError, OSError) as exc:
+            except (httpx.HTTPError, SSEError, OSError) as exc:
                 tally.error(type(exc).__name__, str(exc))
                 continue
             if done is None:
@@ -162,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary (default 2048)")
     p.add_argument("--checkpoint", type=Path, help="serve this checkpoint instead of a random-init one")
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "soak.json",
+                   help="where to write the results (default docs/benchmarks/soak.json)")
+    p.add_argument("--note", default="", help="recorded with the results, e.g. what else ran on the machine")
     args = p.parse_args(argv)
+
+    from pocketgpt.launch import child_env
 
     work = Path(tempfile.mkdtemp(prefix="pocketgpt-soak-"))
     checkpoint = args.checkpoint or make_checkpoint(work / f"{args.preset}-random", args.preset, args.vocab)
@@ -173,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     env.update(POCKETGPT_MAX_RUNNING=str(args.clients), POCKETGPT_MAX_QUEUE=str(args.clients),
                POCKETGPT_LOG_LEVEL="warning", POCKETGPT_SSE_PING="0", PYTHONUNBUFFERED="1")
     log_path = work / "server.log"
-    argv_server = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", "serve",
-                   "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
+    env = child_env(env)  # the child imports this checkout's pocketgpt, whatever the working directory
+    argv_server = [sys.executable, "-m", "pocketgpt.app.cli", "serve", "--checkpoint", str(checkpoint),
+                   "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
         server = subprocess.Popen(argv_server, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                                  *(client_loop(base, deadline, tally, rngs[i], args.max_new_tokens)
                                    for i in range(args.clients)))
 
-        started = time.monotonic()
+        started, wall_start = time.monotonic(), time.time()
         asyncio.run(run())
         elapsed = time.monotonic() - started
         rss_end = rss_bytes(server.pid)
@@ -233,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     growing = growth_last_third > max(64 * 2**20, 0.10 * max(middle))
     ms = 1000.0
     result = {
-        "clients": args.clients, "duration_s": round(elapsed, 1), "model": info["model"],
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall_start)),
+        "command": shlex.join(["python", "bench/soak.py", *(argv if argv is not None else sys.argv[1:])]),
+        "note": args.note, "clients": args.clients, "duration_s": round(elapsed, 1), "model": info["model"],
         "parameters": info["parameters"], "preset": args.preset, "max_new_tokens": args.max_new_tokens,
         "requests_completed": tally.completed, "errors": sum(tally.errors.values()), "errors_by_kind": tally.errors,
         "error_samples": tally.error_samples, "tokens": tally.tokens,
@@ -252,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(), "server_alive_after": alive, "memory_bounded": not growing,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples_mib"}, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {args.json}")
     ok = result["errors"] == 0 and alive and not growing and tally.completed > 0
     print("soak:", "PASS" if ok else "FAIL", flush=True)
     return 0 if ok else 1

@@ -1,0 +1,252 @@
+"""The figures README.md and docs/ quote, computed from the result files the bench writes: none typed by hand.
+
+    python -m bench.figures          # rewrite the quoted blocks from docs/benchmarks/*.json
+    python -m bench.figures --check  # exit 1 when a block is not what the result files give (a test runs this)
+
+A quoted block sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in a Markdown file and cites the
+result file each figure comes from. bench/analysis.md holds `{name}` placeholders that `analysis_values` fills
+(bench/report.py renders it into docs/benchmarks.md). Ratios are the bench's own round-by-round medians where
+it records them, otherwise median over median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT
+
+RESULTS = ROOT / "docs" / "benchmarks" / "results.json"  # python -m bench
+ONE_THREAD = ROOT / "docs" / "benchmarks" / "results-1thread.json"  # python -m bench --threads 1 --only decode serve
+SOAK = ROOT / "docs" / "benchmarks" / "soak.json"  # python bench/soak.py
+README = ROOT / "README.md"
+RELIABILITY = ROOT / "docs" / "reliability.md"
+
+# nanoGPT's README reports a validation loss of 1.88 nats per character for its CPU Shakespeare run (4 layers,
+# 4 heads, 128 wide, context 64, batch 12, "about 3 minutes" on a laptop): 1.88 / ln 2 = 2.71 bits per
+# character, i.e. per byte (the text is ASCII). The training target is that published figure rounded up. It is
+# a constant, not a measurement: the nanoGPT-style loop the bench runs measures its own figure in the same run.
+NANOGPT_PUBLISHED_LOSS_NATS = 1.88
+NANOGPT_TARGET_BPB = math.ceil(NANOGPT_PUBLISHED_LOSS_NATS / math.log(2) * 100) / 100  # 2.72
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def rel(path: Path, start: Path = ROOT) -> str:
+    """`path` relative to the folder `start` (a link from a Markdown file there)."""
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def num(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def times(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def _level(results: dict[str, Any], concurrency: int) -> dict[str, Any] | None:
+    return next((x for x in results["sections"].get("serve", {}).get("levels", [])
+                 if x["concurrency"] == concurrency), None)
+
+
+# -- README: the headline table ----------------------------------------------------------------------------------
+def readme_performance(results: dict[str, Any], soak: dict[str, Any] | None) -> str:
+    """The README's performance table: a row per headline figure, each naming its result file."""
+    src = f"[{rel(RESULTS)}]({rel(RESULTS)})"
+    m = results["machine"]
+    sec = results["sections"]
+    rows = ["| what | pocketgpt | peer in the same run | from |", "| --- | --: | --: | --- |"]
+    if "decode" in sec:
+        d = sec["decode"]
+        tok, r = d["tok_s"], d["ratios"]
+        peers = []
+        if "transformers" in tok:
+            peers.append(f"`transformers` `generate()` {num(tok['transformers']['median'])} tok/s "
+                         f"({times(r['engine/transformers']['median'])})")
+        peers.append(f"bare static-KV loop {num(tok['bare_static_kv']['median'])} "
+                     f"({times(r['engine/bare_static_kv']['median'])})")
+        if "naive_recompute" in tok:
+            peers.append(f"recompute-context {num(tok['naive_recompute']['median'])}")
+        model = results.get("model", {})
+        rows.append(f"| decode, one stream, {model.get('n_layer')}×{model.get('n_embd')} model, in-process engine | "
+                    f"{num(tok['engine']['median'])} tok/s | {'; '.join(peers)} | {src} `decode` |")
+        rows.append(f"| the same through HTTP + SSE | {num(tok['http_sse']['median'])} tok/s "
+                    f"({times(r['http_sse/engine']['median'])} in-process) | | {src} `decode` |")
+    lv32 = _level(results, 32)
+    if lv32:
+        rows.append(f"| 32 concurrent HTTP streams, aggregate | {num(lv32['aggregate_tok_s']['median'])} tok/s, "
+                    f"{lv32['failed']} failed of {lv32['requests']} | bare loop at batch 32: "
+                    f"{num(lv32['bare_tok_s']['median'])} ({times(lv32['ratio_to_bare']['median'])}) | {src} `serve` |")
+    inter = sec.get("serve", {}).get("interference")
+    if inter:
+        rows.append(f"| a {inter['long_prompt_tokens']}-token prompt arriving during {inter['streams']} streams | "
+                    f"their inter-token p99 ×{inter['p99_ratio']['median']:.2f} | (chunked prefill) | "
+                    f"{src} `serve.interference` |")
+    t = sec.get("train", {})
+    if "speed" in t:
+        sp, q = t["speed"], t["quality"]
+        ours, ref = sp["ours_tokens_per_s"]["median"], sp["nanogpt_tokens_per_s"]["median"]
+        shape = t["shape"]
+        rows.append(f"| training, {shape['n_layer']}×{shape['n_embd']}, context {shape['block_size']}, batch "
+                    f"{shape['batch_size']} | {num(ours)} tok/s, MFU {sp['ours_mfu']['median'] * 100:.0f}% | "
+                    f"nanoGPT-style loop {num(ref)} tok/s ({times(ours / ref)}) | {src} `train.speed` |")
+        rows.append(f"| Tiny Shakespeare val bits/byte after {t['budget_s']:.0f} s | {q['ours']['val_bpb']:.2f} | "
+                    f"nanoGPT-style char model {q['nanogpt']['val_bpb']:.2f} | {src} `train.quality` |")
+    if soak:
+        s = f"[{rel(SOAK)}]({rel(SOAK)})"
+        rows.append(f"| soak: {soak['clients']} streaming clients, {soak['duration_s']:.0f} s, `{soak['preset']}` "
+                    f"model | {num(soak['requests_completed'])} requests, {soak['errors']} errors, server RSS "
+                    f"{soak['rss_mib']['start']:.0f} → {soak['rss_mib']['end']:.0f} MiB | | {s} |")
+    load = ", ".join(f"{x:.1f}" for x in m["load_average"])
+    return "\n".join([
+        f"Measured on this project's {m['cores']}-core CPU machine ({m['cpu']}, {m['torch_threads']} torch threads; "
+        f"load average {load} at the start of the `python -m bench` run of {results['started']}: the machine is "
+        "shared, so ratios within one run are the figures to trust). Medians over rounds (a ratio is the median of "
+        "the round-by-round ratios where the bench records one); every figure is generated by "
+        "`python -m bench.figures` from the result file named beside it:",
+        "", *rows,
+    ])
+
+
+# -- docs/reliability.md: the soak -------------------------------------------------------------------------------
+def soak_section(soak: dict[str, Any] | None) -> str:
+    """The soak's figures for docs/reliability.md, from docs/benchmarks/soak.json."""
+    if soak is None:
+        return f"No soak result recorded yet (`python bench/soak.py` writes {rel(SOAK)})."
+    ttft, itl, rss, load = soak["ttft_ms"], soak["itl_ms"], soak["rss_mib"], soak["load_average"]
+    link = rel(SOAK, RELIABILITY.parent)
+    lines = [
+        f"From [{link}]({link}), the run of {soak['started']}: `{_without_note(soak['command'])}`. "
+        f"{soak['clients']} clients for {soak['duration_s']:.0f} s against a random-init `{soak['preset']}` model "
+        f"({num(soak['parameters'])} parameters), up to {soak['max_new_tokens']} new tokens per request. "
+        f"Load average {load['start']:.1f} at the start, {load['end']:.1f} at the end (highest sampled "
+        f"{load['max_sampled']:.1f}) on {soak['cpu_count']} cores."
+        + (f" Note recorded with the run: {soak['note']}." if soak.get("note") else ""),
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| requests completed | {num(soak['requests_completed'])} ({soak['requests_per_s']:.1f} / s) |",
+        f"| errors | **{soak['errors']}** |",
+        f"| tokens streamed | {num(soak['tokens'])} ({num(soak['tokens_per_s'])} tokens/s) |",
+        f"| time to first token | p50 {ttft['p50']} ms, p90 {ttft['p90']} ms, p99 {ttft['p99']} ms |",
+        f"| inter-token latency | p50 {itl['p50']} ms, p90 {itl['p90']} ms, p99 {itl['p99']} ms |",
+        f"| server RSS | {rss['start']:.0f} MiB at start, {rss['end']:.0f} MiB at the end, "
+        f"{rss['max']:.0f} MiB at most; "
+        f"{rss['growth_last_third']:+.1f} MiB over the last third |",
+        f"| server alive and ready afterwards | {'yes' if soak['server_alive_after'] else '**no**'} |",
+    ]
+    return "\n".join(lines)
+
+
+def _without_note(command: str) -> str:
+    """The soak's command line less its `--note` (quoted in full beside it)."""
+    words = shlex.split(command)
+    if "--note" in words:
+        i = words.index("--note")
+        del words[i : i + 2]
+    return shlex.join(words)
+
+
+# -- bench/analysis.md: the placeholders ---------------------------------------------------------------------------
+def analysis_values(results: dict[str, Any], one_thread: dict[str, Any] | None = None) -> dict[str, str]:
+    """`{name}` -> figure for bench/analysis.md; a figure whose section was not run reads `(not measured)`."""
+    values: dict[str, str] = {"nanogpt_target_bpb": f"{NANOGPT_TARGET_BPB:.2f}",
+                              "nanogpt_published_loss": f"{NANOGPT_PUBLISHED_LOSS_NATS:.2f}"}
+    sec = results["sections"]
+    if "decode" in sec:
+        d = sec["decode"]
+        values["engine_vs_bare"] = times(d["ratios"]["engine/bare_static_kv"]["median"])
+        fl = d["floor"]
+        if fl.get("floor_tok_s"):
+            values["floor_tok_s"] = num(fl["floor_tok_s"])
+            values["floor_vs_bare"] = times(fl["floor_tok_s"] / d["tok_s"]["bare_static_kv"]["median"])
+            values["copy_gb_s"] = num(fl["copy_bandwidth_gb_s"])
+    for c in (32, 64):
+        lv = _level(results, c)
+        if lv:
+            values[f"http{c}_vs_bare"] = times(lv["ratio_to_bare"]["median"])
+    lv1 = _level(one_thread, 32) if one_thread else None
+    if lv1:
+        values["one_thread_http32_vs_bare"] = times(lv1["ratio_to_bare"]["median"])
+        values["one_thread_http32_tok_s"] = num(lv1["aggregate_tok_s"]["median"])
+    lv2 = _level(results, 32)
+    if lv2:
+        values["http32_tok_s"] = num(lv2["aggregate_tok_s"]["median"])
+    probe = results.get("thread_probe")
+    if probe:
+        values["probe_main_us"] = f"{probe['main_thread_us']['median']:.1f}"
+        values["probe_worker_us"] = f"{probe['worker_thread_us']['median']:.1f}"
+    t = sec.get("train", {})
+    if "quality" in t:
+        values["nanogpt_bpb"] = f"{t['quality']['nanogpt']['val_bpb']:.2f}"
+        values["nanogpt_steps"] = num(t["quality"]["nanogpt"]["steps"])
+        values["train_budget_s"] = f"{t['budget_s']:.0f}"
+    return values
+
+
+class _Missing(dict):
+    def __missing__(self, key: str) -> str:
+        return f"(not measured: {key})"
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """`template` with its `{name}` placeholders replaced (str.format_map; a missing one says so)."""
+    return template.format_map(_Missing(values))
+
+
+# -- blocks in Markdown files ----------------------------------------------------------------------------------------
+def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
+    results, soak = load(RESULTS), load(SOAK)
+    blocks: list[tuple[Path, str, Callable[[], str]]] = [(RELIABILITY, "soak", lambda: soak_section(soak))]
+    if results is not None:
+        blocks.append((README, "performance", lambda: readme_performance(results, soak)))
+    return blocks
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """`text` with the block NAME's body replaced; ValueError if the markers are missing."""
+    pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(?=^<!-- /bench:{re.escape(name)} -->$)",
+                         re.S | re.M)
+    if not pattern.search(text):
+        raise ValueError(f"no <!-- bench:{name} --> ... <!-- /bench:{name} --> block")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n", text, count=1)
+
+
+def stale_blocks() -> list[str]:
+    """`path: name` of every block whose text is not what the result files give."""
+    stale = []
+    for path, name, render in _blocks():
+        text = path.read_text(encoding="utf-8")
+        if replace_block(text, name, render()) != text:
+            stale.append(f"{rel(path)}: {name}")
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.figures", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="only report blocks that differ; exit 1 if any")
+    args = p.parse_args(argv)
+    if args.check:
+        stale = stale_blocks()
+        for s in stale:
+            print(f"stale: {s} (run python -m bench.figures)")
+        return 1 if stale else 0
+    for path, name, render in _blocks():
+        path.write_text(replace_block(path.read_text(encoding="utf-8"), name, render()), encoding="utf-8")
+        print(f"wrote {rel(path)}: {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
