@@ -1,20 +1,24 @@
-"""docs/benchmarks.md and its plots, from the results of one `python -m bench` run."""
+"""docs/benchmarks.md and its plots, from the results of one `python -m bench` run.
+
+    python -m bench.report [results.json]   # re-render docs/benchmarks.md from a results file
+
+Every figure in it is computed from the results (bench/analysis.md's prose included: its `{name}` placeholders
+are filled by bench/figures.py); tests/test_doc_figures.py checks the committed page against a re-render.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, fmt
+from bench.figures import NANOGPT_TARGET_BPB, analysis_values, fill, load
 
-ANALYSIS = Path(__file__).with_name("analysis.md")  # hand-written notes, included as they are
+ANALYSIS = Path(__file__).with_name("analysis.md")  # prose notes: a template of figures from the results
 
 QUICK = " (quick mode: smoke-test sizes, not the reference figures)"
-TARGETS = {  # name: (threshold, comparison)
-    "engine_vs_transformers": 1.3, "engine_vs_bare": 0.85, "http_vs_engine": 0.9, "http32_vs_bare32": 0.75,
-    "interference_p99": 2.0,
-}
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -60,16 +64,31 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("Training tokens/s ≥ nanoGPT's, same shape", f"{ratio:.2f}x", verdict(ratio, 1.0)))
         q = sec["train"]["quality"]
         ours = q["ours"].get("val_bpb")
-        rows.append((f"Validation bits per byte < 2.72 within {sec['train']['budget_s']:.0f} s",
-                     f"{ours:.3f} (nanoGPT-style: {q['nanogpt']['val_bpb']:.3f})" if ours else "–",
-                     verdict(ours, 2.72, higher=False) if ours else "not measured"))
+        rows.append((f"Validation bits per byte < {NANOGPT_TARGET_BPB:.2f} (nanoGPT's published figure, see "
+                     f"Training below) within {sec['train']['budget_s']:.0f} s",
+                     f"{ours:.3f} (nanoGPT-style loop, same run: {q['nanogpt']['val_bpb']:.3f})" if ours else "–",
+                     verdict(ours, NANOGPT_TARGET_BPB, higher=False) if ours else "not measured"))
     return rows
 
 
 def write(results: dict[str, Any], markdown: Path, plots: Path, json_path: Path) -> None:
+    """Draw the plots into `plots` and write the page to `markdown`."""
+    from bench.plots import make_plots
+
     plots.mkdir(parents=True, exist_ok=True)
     images = make_plots(results, plots)
-    md_dir = markdown.parent
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render(results, markdown.parent, json_path, images))
+
+
+def analysis(results: dict[str, Any], json_path: Path) -> str:
+    """bench/analysis.md with its figures filled in from these results (and the 1-thread run beside them)."""
+    template = re.sub(r"<!--.*?-->\n*", "", ANALYSIS.read_text(), flags=re.S)  # notes for editors only
+    return fill(template, analysis_values(results, load(json_path.with_name("results-1thread.json")))).rstrip()
+
+
+def render(results: dict[str, Any], md_dir: Path, json_path: Path, images: dict[str, Path]) -> str:
+    """The Markdown page for `results`; links are relative to `md_dir`."""
     m = results["machine"]
     sec = results["sections"]
     lines = [
@@ -240,106 +259,11 @@ def write(results: dict[str, Any], markdown: Path, plots: Path, json_path: Path)
         "",
     ]
     if ANALYSIS.is_file():
-        lines += [ANALYSIS.read_text().rstrip(), ""]
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text("\n".join(lines))
+        lines += [analysis(results, json_path), ""]
+    return "\n".join(lines)
 
 
-def make_plots(results: dict[str, Any], folder: Path) -> dict[str, Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    sec = results["sections"]
-    out: dict[str, Path] = {}
-
-    if "decode" in sec:
-        tok = sec["decode"]["tok_s"]
-        labels = {"bare_static_kv": "bare loop", "engine": "engine", "http_sse": "HTTP+SSE",
-                  "transformers": "transformers", "naive_recompute": "recompute"}
-        keys = [k for k in labels if k in tok]
-        med = [tok[k]["median"] for k in keys]
-        err = [[tok[k]["median"] - tok[k]["min"] for k in keys], [tok[k]["max"] - tok[k]["median"] for k in keys]]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.bar([labels[k] for k in keys], med, yerr=err, capsize=4, color="#4c72b0")
-        floor = sec["decode"]["floor"].get("floor_tok_s")
-        if floor:
-            ax.axhline(floor, color="#c44e52", ls="--", lw=1)
-            ax.text(len(keys) - 0.5, floor, " bandwidth floor", color="#c44e52", va="bottom", ha="right")
-        ax.set_ylabel("tokens/s (median, min–max)")
-        ax.set_title("One stream, greedy decode")
-        fig.tight_layout()
-        out["decode"] = folder / "decode.png"
-        fig.savefig(out["decode"], dpi=110)
-        plt.close(fig)
-
-    if "serve" in sec:
-        lv = sec["serve"]["levels"]
-        cs = [x["concurrency"] for x in lv]
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        for key, label, color in (("aggregate_tok_s", "pocketgpt over HTTP+SSE", "#4c72b0"),
-                                  ("bare_tok_s", "bare loop, same batch", "#999999")):
-            med = [x[key]["median"] for x in lv]
-            ax.errorbar(cs, med, yerr=[[m - x[key]["min"] for m, x in zip(med, lv, strict=True)],
-                                       [x[key]["max"] - m for m, x in zip(med, lv, strict=True)]],
-                        marker="o", capsize=3, label=label, color=color)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(cs, [str(c) for c in cs])
-        ax.set_xlabel("concurrent streams")
-        ax.set_ylabel("tokens/s")
-        ax.set_title("Throughput against concurrency")
-        ax.legend()
-        fig.tight_layout()
-        out["serve_throughput"] = folder / "serve_throughput.png"
-        fig.savefig(out["serve_throughput"], dpi=110)
-        plt.close(fig)
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        qs = list(range(0, 101, 5))
-        for x in lv:
-            a1.plot(x["itl_quantiles_ms"], qs, label=f"{x['concurrency']} streams")
-            a2.plot(x["ttft_quantiles_ms"], qs, label=f"{x['concurrency']} streams")
-        inter = sec["serve"].get("interference")
-        a1.set_xscale("log")
-        a2.set_xscale("log")
-        a1.set_xlabel("inter-token latency, ms")
-        a2.set_xlabel("time to first token, ms")
-        a1.set_ylabel("percentile")
-        a1.set_title("Inter-token latency (CDF)")
-        a2.set_title("Time to first token (CDF)")
-        a1.legend(fontsize=8)
-        if inter:
-            a1.text(0.02, 0.02, f"512-token prompt during 16 streams: p99 x{inter['p99_ratio']['median']:.2f}",
-                    transform=a1.transAxes, fontsize=8)
-        fig.tight_layout()
-        out["serve_latency"] = folder / "serve_latency.png"
-        fig.savefig(out["serve_latency"], dpi=110)
-        plt.close(fig)
-
-    if "train" in sec and "quality" in sec["train"]:
-        q = sec["train"]["quality"]
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        for key, label in (("ours", "pocketgpt trainer"), ("nanogpt", "nanoGPT-style loop")):
-            curve = q[key].get("curve") or []
-            if curve:
-                ax.plot([c["elapsed_s"] for c in curve], [c["val_bpb"] for c in curve], marker=".", label=label)
-        ax.axhline(2.72, color="#c44e52", ls="--", lw=1, label="2.72 (nanoGPT, 130 s)")
-        ax.set_xlabel("wall time, s")
-        ax.set_ylabel("validation bits per byte")
-        ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
-        ax.set_title("Training on Tiny Shakespeare (2 cores)")
-        ax.legend()
-        fig.tight_layout()
-        out["train"] = folder / "train.png"
-        fig.savefig(out["train"], dpi=110)
-        plt.close(fig)
-    return out
-
-
-if __name__ == "__main__":  # re-render from a results file: python -m bench.report [results.json]
+if __name__ == "__main__":
     import json
     import sys
 

@@ -11,7 +11,7 @@ a bare static-KV loop, and the memory-bandwidth floor), `serve` (1..64 concurren
 loop at the same batch; a 512-token prompt arriving during 16 streams) and `train` (the trainer against a
 nanoGPT-style loop on the same shape; bits per byte on Tiny Shakespeare against wall time).
 Results go to docs/benchmarks/results.json (or --json), the table to docs/benchmarks.md (or --markdown),
-plots to docs/benchmarks/*.png.
+plots to docs/benchmarks/*.png; the figures README.md quotes are then regenerated (bench/figures.py).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from bench import decode, report, serve, train
+    from bench import decode, figures, report, serve, train
     from bench.client import Server
     from bench.common import bench_tokenizer, headline_config, machine_info, make_checkpoint, thread_probe
 
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         report.write(results, args.markdown, args.plots, args.json)
         print(f"report: {args.markdown}")
+        if args.json.resolve() == figures.RESULTS.resolve():  # the file README.md and docs/ quote
+            figures.main([])
     return 0
 
 
