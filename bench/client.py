@@ -1,7 +1,9 @@
 """The load generator: the pocketgpt server as a subprocess, and a lean asyncio HTTP/1.1 SSE client.
 
 The client shares the machine's cores with the server, so it is kept cheap: raw asyncio streams, chunked
-transfer decoding and SSE event splitting by hand, nothing parsed but the event names. A token's arrival
+transfer decoding and SSE event splitting by hand, nothing parsed but the event names. That is measured, not
+assumed: `python -m bench.client_cost` compares its CPU per token with httpx + httpx-sse on the same streams
+(docs/benchmarks/client_cost.json; the library client costs several times more per token). A token's arrival
 time is when the chunk holding its event was read, i.e. what a client sees.
 """
 

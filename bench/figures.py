@@ -27,6 +27,7 @@ from bench.common import ROOT
 RESULTS = ROOT / "docs" / "benchmarks" / "results.json"  # python -m bench
 ONE_THREAD = ROOT / "docs" / "benchmarks" / "results-1thread.json"  # python -m bench --threads 1 --only decode serve
 SOAK = ROOT / "docs" / "benchmarks" / "soak.json"  # python bench/soak.py
+CLIENT_COST = ROOT / "docs" / "benchmarks" / "client_cost.json"  # python -m bench.client_cost
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -160,7 +161,8 @@ def _without_note(command: str) -> str:
 
 
 # -- bench/analysis.md: the placeholders ---------------------------------------------------------------------------
-def analysis_values(results: dict[str, Any], one_thread: dict[str, Any] | None = None) -> dict[str, str]:
+def analysis_values(results: dict[str, Any], one_thread: dict[str, Any] | None = None,
+                    client_cost: dict[str, Any] | None = None) -> dict[str, str]:
     """`{name}` -> figure for bench/analysis.md; a figure whose section was not run reads `(not measured)`."""
     values: dict[str, str] = {"nanogpt_target_bpb": f"{NANOGPT_TARGET_BPB:.2f}",
                               "nanogpt_published_loss": f"{NANOGPT_PUBLISHED_LOSS_NATS:.2f}"}
@@ -188,6 +190,12 @@ def analysis_values(results: dict[str, Any], one_thread: dict[str, Any] | None =
     if probe:
         values["probe_main_us"] = f"{probe['main_thread_us']['median']:.1f}"
         values["probe_worker_us"] = f"{probe['worker_thread_us']['median']:.1f}"
+    if client_cost:
+        c = client_cost["clients"]
+        values["client_hand_us"] = f"{c['hand-rolled']['cpu_us_per_token']['median']:.0f}"
+        values["client_httpx_us"] = f"{c['httpx-sse']['cpu_us_per_token']['median']:.0f}"
+        values["client_cost_ratio"] = times(client_cost["httpx_sse_over_hand_rolled_cpu"]["median"])
+        values["client_cost_load"] = f"{client_cost['machine']['load_average_start'][0]:.0f}"
     t = sec.get("train", {})
     if "quality" in t:
         values["nanogpt_bpb"] = f"{t['quality']['nanogpt']['val_bpb']:.2f}"

@@ -84,7 +84,9 @@ def write(results: dict[str, Any], markdown: Path, plots: Path, json_path: Path)
 def analysis(results: dict[str, Any], json_path: Path) -> str:
     """bench/analysis.md with its figures filled in from these results (and the 1-thread run beside them)."""
     template = re.sub(r"<!--.*?-->\n*", "", ANALYSIS.read_text(), flags=re.S)  # notes for editors only
-    return fill(template, analysis_values(results, load(json_path.with_name("results-1thread.json")))).rstrip()
+    values = analysis_values(results, load(json_path.with_name("results-1thread.json")),
+                             load(json_path.with_name("client_cost.json")))
+    return fill(template, values).rstrip()
 
 
 def render(results: dict[str, Any], md_dir: Path, json_path: Path, images: dict[str, Path]) -> str:
