@@ -1,6 +1,6 @@
 """Helpers for tests and benchmarks: a real uvicorn server in a thread, and a scripted stand-in model.
 
-Nothing here is used by the server itself.
+Nothing here is used by the server itself. Clients read event streams with httpx-sse (tests/sse.py).
 """
 
 from __future__ import annotations
@@ -95,38 +95,3 @@ def byte_token_ids(tokenizer: Tokenizer, data: bytes) -> list[int]:
         if len(b) == 1:
             by_bytes.setdefault(b, i)
     return [by_bytes[bytes([b])] for b in data]
-
-
-class SSEParser:
-    """Incremental server-sent-events parser: feed lines, get (event, data) for each complete event."""
-
-    def __init__(self) -> None:
-        self._event = "message"
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> tuple[str, str] | None:
-        line = line.rstrip("\r\n")
-        if not line:
-            if not self._data:
-                self._event = "message"
-                return None
-            out = (self._event, "\n".join(self._data))
-            self._event, self._data = "message", []
-            return out
-        if line.startswith(":"):
-            return None  # a comment: keep-alive ping
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            self._event = value
-        elif field == "data":
-            self._data.append(value)
-        return None
-
-
-def parse_sse(lines: Any) -> list[tuple[str, str]]:
-    """All events of a finished stream (an iterable of lines)."""
-    parser = SSEParser()
-    events = [parser.feed(line) for line in lines]
-    tail = parser.feed("")
-    return [e for e in [*events, tail] if e is not None]

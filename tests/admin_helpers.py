@@ -13,8 +13,8 @@ import httpx
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import SSEParser
 from tests.conftest import small_corpus
+from tests.sse import iter_events
 
 TOKEN = "admin-token-for-tests"
 API_KEY = "inference-key-for-tests"
@@ -78,16 +78,13 @@ def wait_job(client: httpx.Client, job_id: str, predicate, timeout: float = 120.
 def follow_events(client: httpx.Client, job_id: str, timeout: float = 120.0) -> list[tuple[str, dict]]:
     """The job's SSE stream until its final `status` event."""
     events: list[tuple[str, dict]] = []
-    parser = SSEParser()
     deadline = time.monotonic() + timeout
     with client.stream("GET", f"/admin/jobs/{job_id}/events", headers=ADMIN, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            event = parser.feed(line)
-            if event is not None:
-                events.append((event[0], json.loads(event[1])))
-                if event[0] == "status":
-                    return events
+        for event in iter_events(r):
+            events.append((event.event, json.loads(event.data)))
+            if event.event == "status":
+                return events
             assert time.monotonic() < deadline, f"no final status event; got {[e for e, _ in events]}"
     raise AssertionError(f"stream ended without a status event: {[e for e, _ in events]}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pocketgpt.app.testing import SSEParser, running_server
+from pocketgpt.app.testing import running_server
 from tests.admin_helpers import (
     ADMIN,
     USER,
@@ -29,6 +29,7 @@ from tests.admin_helpers import (
     wait_job,
 )
 from tests.conftest import make_tiny_checkpoint
+from tests.sse import iter_events
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +102,10 @@ def test_hot_swap_under_load_loses_no_request(server) -> None:
             while first or not stop.is_set():
                 kinds, model = [], None
                 with c.stream("POST", "/v1/generate", headers=USER, json=body) as r:
-                    parser = SSEParser()
-                    for line in r.iter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        kinds.append(event[0])
-                        if event[0] == "done":
-                            model = json.loads(event[1])["model"]
+                    for event in iter_events(r):
+                        kinds.append(event.event)
+                        if event.event == "done":
+                            model = json.loads(event.data)["model"]
                         if first and len(kinds) == 1:
                             started.wait()
                     results.append((r.status_code, kinds, model))

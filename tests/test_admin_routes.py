@@ -16,6 +16,7 @@ from pocketgpt.app.errors import install_error_handlers
 from pocketgpt.app.jobs.manager import JobManager
 from pocketgpt.app.jobs.store import JobStore
 from pocketgpt.app.routes.admin import router
+from tests.sse import read_events
 
 FAKE = str(Path(__file__).with_name("fake_trainer.py"))
 TOKEN = "admin-secret"
@@ -54,16 +55,10 @@ def build_app(tmp_path: Path, token: str | None = TOKEN, limit: int = 10_000) ->
 
 
 def events(client: TestClient, job_id: str, last_id: int | None = None) -> list[tuple[str, dict]]:
-    out, event = [], None
     headers = AUTH if last_id is None else {**AUTH, "Last-Event-ID": str(last_id)}
     with client.stream("GET", f"/admin/jobs/{job_id}/events", headers=headers) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                out.append((event, json.loads(line.split(":", 1)[1])))
-    return out
+        return [(event, json.loads(data)) for event, data in read_events(r)]
 
 
 def test_story_upload_train_follow_list_serve(tmp_path: Path) -> None:

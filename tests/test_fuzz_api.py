@@ -39,12 +39,13 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 import pocketgpt.app.jobs.manager as manager_module  # noqa: E402
 from pocketgpt.app.openapi import OPERATIONS, ErrorResponse, GenerateResponse, api_routes  # noqa: E402
-from pocketgpt.app.testing import parse_sse, running_server  # noqa: E402
+from pocketgpt.app.testing import running_server  # noqa: E402
 from pocketgpt.model.chat import ChatTemplate  # noqa: E402
 from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pocketgpt.model.vocab import add_token_rows  # noqa: E402
 from tests.admin_helpers import ADMIN, USER, make_app, make_settings  # noqa: E402
 from tests.conftest import make_tiny_checkpoint  # noqa: E402
+from tests.sse import events_in_text  # noqa: E402
 
 FAKE = str(Path(__file__).with_name("fake_trainer.py"))
 EXAMPLES = int(os.environ.get("POCKETGPT_FUZZ_EXAMPLES", "12"))
@@ -96,7 +97,7 @@ def _check_envelope(response) -> None:
 
 
 def _check_stream(path: str, response) -> None:
-    events = parse_sse(_text(response).splitlines())
+    events = events_in_text(_text(response))
     assert events, "an event stream with no events"
     for event, data in events:
         assert event != "error", data

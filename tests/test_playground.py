@@ -23,6 +23,7 @@ import pytest
 from pocketgpt.app.testing import running_server
 from tests.admin_helpers import ADMIN, API_KEY, TOKEN, USER, corpus_bytes, make_app, make_settings
 from tests.conftest import make_tiny_checkpoint
+from tests.prom import scrape
 
 CHROMIUM = os.environ.get("POCKETGPT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -105,9 +106,7 @@ def page(browser: Any, server: str) -> Iterator[Any]:
 
 
 def metric(url: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(f"{url}/metrics").text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
+    return scrape(url)(name)
 
 
 def set_sampling(page: Any, **fields: Any) -> None:

@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import random
-import re
 import time
 from pathlib import Path
 
@@ -26,8 +25,10 @@ import pytest
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import SSEParser, running_server
+from pocketgpt.app.testing import running_server
 from tests.conftest import make_tiny_checkpoint
+from tests.prom import Scrape, scrape
+from tests.sse import aiter_events
 
 ABORTS = int(os.environ.get("POCKETGPT_ABORTS", "300"))
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 20  # ~200 tokens: prefilled 8 per step
@@ -38,21 +39,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("resilience") / "tiny", block_size=256)
 
 
-def metrics(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    out = {}
-    for name, value in re.findall(r"^(pocketgpt_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M):
-        out[name] = float(value)
-    return out
+def metrics(base: str) -> Scrape:
+    return scrape(base)
 
 
-def wait_idle(base: str, timeout: float = 15.0) -> dict[str, float]:
+def wait_idle(base: str, timeout: float = 15.0) -> Scrape:
     """Poll until no KV slot is used and no request runs or waits; return the metrics then."""
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(base)
-        busy = {k: m[k] for k in ("pocketgpt_kv_slots_in_use", "pocketgpt_requests_running",
-                                  "pocketgpt_requests_waiting") if m[k] != 0}
+        busy = {k: m(k) for k in ("pocketgpt_kv_slots_in_use", "pocketgpt_requests_running",
+                                  "pocketgpt_requests_waiting") if m(k) != 0}
         if not busy:
             return m
         if time.monotonic() > deadline:
@@ -71,20 +68,17 @@ async def read_stream(client: httpx.AsyncClient, body: dict, stop_after: int | N
                       ) -> tuple[int, list[tuple[str, dict]]]:
     """POST a stream; read it whole (stop_after None) or drop the connection after `stop_after` token events."""
     events: list[tuple[str, dict]] = []
-    parser = SSEParser()
     async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
         if r.status_code != 200:
             await r.aread()
             return r.status_code, [("error", r.json())]
         if stop_after == 0:
             return 200, events  # headers only: dropped before the first token
-        async for line in r.aiter_lines():
-            event = parser.feed(line)
-            if event is not None:
-                events.append((event[0], json.loads(event[1])))
-                tokens = sum(1 for e, _ in events if e == "token")
-                if stop_after is not None and tokens >= stop_after:
-                    return 200, events  # leaving the `async with` closes the connection mid-stream
+        async for event in aiter_events(r):
+            events.append((event.event, json.loads(event.data)))
+            tokens = sum(1 for e, _ in events if e == "token")
+            if stop_after is not None and tokens >= stop_after:
+                return 200, events  # leaving the `async with` closes the connection mid-stream
     return 200, events
 
 
@@ -135,14 +129,14 @@ def test_abort_storm_leaves_nothing_behind(checkpoint: Path) -> None:
         asyncio.run(asyncio.wait_for(storm(), timeout=120))
         storm_s = time.monotonic() - started
         after = wait_idle(base)
-        cancelled = after['pocketgpt_generations_finished_total{reason="cancelled"}'] - \
-            before['pocketgpt_generations_finished_total{reason="cancelled"}']
+        cancelled = after("pocketgpt_generations_finished_total", reason="cancelled") - \
+            before("pocketgpt_generations_finished_total", reason="cancelled")
         print(f"\nabort storm: {ABORTS} requests ({kinds}) in {storm_s:.1f}s; {cancelled:.0f} cancelled in the "
               f"engine; {len(completed)} completed during the storm")
         assert completed and set(completed) == {reference["text"]}
         assert cancelled >= ABORTS // 3  # the drops reached the engine as cancellations, not as finished work
         # Nothing is left holding a slot, and the server answers the next request exactly as before.
-        assert after["pocketgpt_kv_slots_in_use"] == 0 and after["pocketgpt_requests_running"] == 0
+        assert after("pocketgpt_kv_slots_in_use") == 0 and after("pocketgpt_requests_running") == 0
         again = greedy(base, "The quick", 24)
         assert again["text"] == reference["text"] and again["usage"] == reference["usage"]
         assert httpx.get(f"{base}/readyz").status_code == 200

@@ -17,9 +17,11 @@ import torch
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import SSEParser, parse_sse, running_server
+from pocketgpt.app.testing import running_server
 from pocketgpt.model.checkpoint import load_checkpoint
 from tests.conftest import make_tiny_checkpoint
+from tests.prom import scrape
+from tests.sse import iter_events, read_events
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +67,11 @@ def stream(base: str, body: dict, **kw) -> list[tuple[str, dict]]:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-accel-buffering"] == "no"
-        return [(event, json.loads(data)) for event, data in parse_sse(r.iter_lines())]
+        return [(event, json.loads(data)) for event, data in read_events(r)]
 
 
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} not in metrics"
-    return float(match.group(1))
+def metric(base: str, name: str, **labels: str) -> float:
+    return scrape(base)(name, **labels)
 
 
 def wait_for_metric(base: str, name: str, value: float, timeout: float = 3.0) -> float:
@@ -143,13 +142,11 @@ def test_16_concurrent_requests_equal_their_solo_outputs(url: str) -> None:
 # -- streaming behaviour ---------------------------------------------------------------------------
 def test_tokens_arrive_incrementally(slow_url: str) -> None:
     arrivals: list[float] = []
-    parser = SSEParser()
     start = time.monotonic()
     with httpx.stream("POST", f"{slow_url}/v1/generate", timeout=30,
                       json={"prompt": "Hi", "max_new_tokens": 40, "temperature": 0, "stream": True}) as r:
-        for line in r.iter_lines():
-            event = parser.feed(line)
-            if event and event[0] == "token":
+        for event in iter_events(r):
+            if event.event == "token":
                 arrivals.append(time.monotonic() - start)
     assert len(arrivals) > 10
     # 40 tokens at >= 20 ms per step: the first must arrive long before the last is generated.
@@ -157,22 +154,22 @@ def test_tokens_arrive_incrementally(slow_url: str) -> None:
 
 
 def test_client_disconnect_frees_the_slot(slow_url: str) -> None:
-    before = metric(slow_url, 'pocketgpt_generations_finished_total{reason="cancelled"}')
+    before = metric(slow_url, "pocketgpt_generations_finished_total", reason="cancelled")
     with httpx.stream("POST", f"{slow_url}/v1/generate", timeout=30,
                       json={"prompt": "Hi", "max_new_tokens": 120, "temperature": 0, "stream": True}) as r:
-        parser, seen = SSEParser(), 0
-        for line in r.iter_lines():
-            if (event := parser.feed(line)) and event[0] == "token":
+        seen = 0
+        for event in iter_events(r):
+            if event.event == "token":
                 seen += 1
                 if seen == 3:
-                    # Checked before leaving the loop: closing the line iterator closes the connection.
+                    # Checked before leaving the loop: leaving the `with` closes the connection.
                     assert metric(slow_url, "pocketgpt_requests_running") == 1
                     break
     closed = time.monotonic()
     freed = wait_for_metric(slow_url, "pocketgpt_kv_slots_in_use", 0)
     assert freed - closed < 1.0  # well before the 120 tokens x 20 ms the request would have taken
     assert metric(slow_url, "pocketgpt_requests_running") == 0
-    assert metric(slow_url, 'pocketgpt_generations_finished_total{reason="cancelled"}') == before + 1
+    assert metric(slow_url, "pocketgpt_generations_finished_total", reason="cancelled") == before + 1
     r = httpx.post(f"{slow_url}/v1/generate", json={"prompt": "Hi", "max_new_tokens": 3}, timeout=30)
     assert r.status_code == 200
 
@@ -324,13 +321,13 @@ def test_health_ready_info_models(url: str, checkpoint: Path) -> None:
 
 def test_metrics_exposes_the_pocketgpt_series(url: str) -> None:
     httpx.post(f"{url}/v1/generate", json={"prompt": "Hi", "max_new_tokens": 5})
-    text = httpx.get(f"{url}/metrics").text
+    m = scrape(url)
     for name in ("pocketgpt_requests_running", "pocketgpt_requests_waiting", "pocketgpt_kv_slots_in_use",
                  "pocketgpt_time_to_first_token_seconds_bucket", "pocketgpt_inter_token_latency_seconds_bucket",
                  "pocketgpt_generated_tokens_total", "pocketgpt_prompt_tokens_total", "pocketgpt_batch_size_bucket",
                  "pocketgpt_request_duration_seconds_bucket"):
-        assert name in text, name
-    assert 'pocketgpt_requests_total{method="POST",route="/v1/generate",status="200"}' in text
+        assert name in m.names, name
+    assert m("pocketgpt_requests_total", method="POST", route="/v1/generate", status="200") >= 1
     assert metric(url, "pocketgpt_generated_tokens_total") >= 5
 
 

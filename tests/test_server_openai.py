@@ -10,8 +10,9 @@ import pytest
 
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import parse_sse, running_server
+from pocketgpt.app.testing import running_server
 from tests.conftest import make_tiny_checkpoint
+from tests.sse import read_events
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_openai_client_stream_with_usage(url: str) -> None:
 def test_openai_stream_ends_with_done(url: str) -> None:
     with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
                       json={"model": "m", "prompt": "Hi", "max_tokens": 5, "stream": True}) as r:
-        events = parse_sse(r.iter_lines())
+        events = read_events(r)
     assert events[-1] == ("message", "[DONE]")
     assert all(e == "message" for e, _ in events)
 

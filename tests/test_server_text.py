@@ -10,9 +10,10 @@ import pytest
 
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import byte_token_ids, parse_sse, running_server, scripted_factory
+from pocketgpt.app.testing import byte_token_ids, running_server, scripted_factory
 from pocketgpt.model.tokenizer import Tokenizer
 from tests.conftest import CHINESE
+from tests.sse import read_events
 
 SCRIPT_TEXT = CHINESE + " The END is near. 🚀 done"
 
@@ -30,7 +31,7 @@ def url(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory):
 def token_events(base: str, body: dict) -> tuple[list[dict], dict]:
     with httpx.stream("POST", f"{base}/v1/generate", json={**body, "stream": True}, timeout=30) as r:
         assert r.status_code == 200
-        events = [(e, json.loads(d)) for e, d in parse_sse(r.iter_lines())]
+        events = [(e, json.loads(d)) for e, d in read_events(r)]
     assert events[-1][0] == "done"
     return [d for e, d in events if e == "token"], events[-1][1]
 
@@ -79,7 +80,7 @@ def test_openai_stream_chinese(url: str) -> None:
     n = len(CHINESE.encode())
     with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
                       json={"model": "m", "prompt": "x", "max_tokens": n, "stream": True}) as r:
-        events = parse_sse(r.iter_lines())
+        events = read_events(r)
     pieces = [json.loads(d)["choices"][0]["text"] for _, d in events[:-1] if json.loads(d)["choices"]]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == CHINESE

@@ -14,7 +14,7 @@ import torch
 
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import parse_sse, running_server
+from pocketgpt.app.testing import running_server
 from pocketgpt.model.chat import ChatTemplate
 from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint
 from pocketgpt.model.config import preset
@@ -28,6 +28,7 @@ from pocketgpt.training.progress import Progress
 from pocketgpt.training.sft_data import prepare_sft
 from pocketgpt.training.sft_eval import answer_scores, greedy_answer
 from pocketgpt.training.trainer import Trainer
+from tests.sse import read_events
 
 WORDS = ["red", "blue", "green", "gold", "pink", "gray", "black", "white"]
 STEPS = 300
@@ -140,7 +141,7 @@ def test_openai_chat_client_over_http(finetuned: dict) -> None:
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
         with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=30,
                           json={"messages": question, "stream": True, "temperature": 0}) as r:
-            events = parse_sse(r.iter_lines())
+            events = read_events(r)
         assert events[-1] == ("message", "[DONE]")
         assert json.loads(events[0][1])["object"] == "chat.completion.chunk"
 
