@@ -68,6 +68,7 @@ if [ "$stream" = 0 ]; then
     exit 0
 fi
 # Streamed: `data: {chunk}` lines, each with choices[0].text; `data: [DONE]` ends the stream.
+# Read by hand on purpose (only `data:` lines matter): the scripts need only bash, curl and any python3.
 sse /v1/completions "${POCKETGPT_API_KEY:-}" -H 'Content-Type: application/json' --data-binary "$body" |
     "$PY" -u -c '
 import json, sys

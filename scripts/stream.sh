@@ -51,6 +51,8 @@ if [ "$raw" = 1 ]; then
     exit 0
 fi
 # Print the text of each `token` event as it arrives; `done` ends the stream, `error` fails it.
+# The event framing is read here by hand on purpose: the scripts need only bash, curl and any python3 (no
+# package), so they work from a machine without pocketgpt installed; the tests read streams with httpx-sse.
 sse /v1/generate "${POCKETGPT_API_KEY:-}" -H 'Content-Type: application/json' --data-binary "$body" |
     "$PY" -u -c '
 import json, sys
