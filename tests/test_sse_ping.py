@@ -17,6 +17,7 @@ from pocketgpt.app.settings import Settings
 from pocketgpt.app.sse import NO_PING_S, ping_interval
 from pocketgpt.app.testing import byte_token_ids, running_server, scripted_factory
 from pocketgpt.model.tokenizer import Tokenizer
+from tests.sse import events_in_text
 
 STEP_S = 0.05  # engine step delay: 24 tokens take about 1.2 s
 TOKENS = 24
@@ -51,3 +52,9 @@ def test_sse_ping_setting(ping: float, tokenizer: Tokenizer, tmp_path: Path) -> 
 def test_zero_maps_to_no_pings() -> None:
     assert ping_interval(0) == NO_PING_S
     assert ping_interval(2.5) == 2.5
+
+
+def test_a_ping_after_an_event_with_an_id_is_not_an_event() -> None:
+    """The job-events stream sends ids and pings; the tests' reader must not see a ping as an (empty) event."""
+    body = 'event: train\nid: 1\ndata: {"step": 1}\n\n: ping - now\n\nevent: status\ndata: {}\n\n'
+    assert events_in_text(body) == [("train", '{"step": 1}'), ("status", "{}")]
