@@ -50,12 +50,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(ctx.settings.log_level)
     path = ctx.settings.checkpoint
     admin = admin_enabled(ctx.settings)
+    replica = app.state.replica_mode
     try:
-        if path is None and not admin:
+        if path is None and not admin and not replica:
             raise StartupError("no checkpoint configured: set POCKETGPT_CHECKPOINT or pass --checkpoint DIR")
         if path is None:
             # With the admin API a server may start empty: train a model, then hot-load it (POST /admin/model).
-            log.warning("no checkpoint configured: serving no model until one is loaded through /admin/model")
+            # A replica's model arrives through its deployment's config right after start-up.
+            if not replica:
+                log.warning("no checkpoint configured: serving no model until one is loaded through /admin/model")
         else:
             try:
                 await ctx.holder.load(path)
@@ -68,7 +71,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         if admin:
             jobs = app.state.job_manager = create_job_manager(ctx.settings, ctx.holder)
-            await jobs.start()
+            if not replica:  # one manager owns the job queue; replicas only read the store (app/ray_serve.py)
+                await jobs.start()
         yield
     finally:
         if jobs is not None:
@@ -97,8 +101,12 @@ class StartupMessageMiddleware:
         await self.app(scope, receive, send_short)
 
 
-def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = load_engine) -> FastAPI:
-    """Build an app. `settings` defaults to `Settings()` (the POCKETGPT_* environment), read now."""
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = load_engine,
+               replica: bool = False) -> FastAPI:
+    """Build an app. `settings` defaults to `Settings()` (the POCKETGPT_* environment), read now.
+
+    `replica`: one of several identical Ray Serve replicas (app/ray_serve.py): the model arrives through the
+    deployment's config after start-up, and the job manager only reads the store (it runs no jobs)."""
     settings = settings or Settings()
     metrics = Metrics()
     holder = EngineHolder(lambda path: engine_factory(path, named_for(path, settings), metrics))
@@ -110,6 +118,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     # The same objects by name, for routes that read them directly (the admin router does).
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
     app.state.job_manager = None  # set by the lifespan when the admin API is enabled
+    app.state.replica_mode = replica
     install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(openai.router)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
 from typing import Any
 
@@ -40,10 +41,15 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--max-running", type=int, help="KV-cache slots (env POCKETGPT_MAX_RUNNING)")
     parser.add_argument("--max-queue", type=int, help="waiting requests before 429 (env POCKETGPT_MAX_QUEUE)")
     parser.add_argument("--log-level", help="debug, info, warning (env POCKETGPT_LOG_LEVEL)")
+    _ray_flags(parser)
     args = parser.parse_args(argv)
+    ray_args = {k: vars(args).pop(k) for k in ("replicas", "autoscale", "replica_cpus")}
+    ray_args["address"] = vars(args).pop("ray")
     settings = _settings(vars(args), "serve")
     if settings is None:
         return 2
+    if ray_args["address"] is not None or ray_args["replicas"] is not None or ray_args["autoscale"] is not None:
+        return _serve_ray(parser, settings, **ray_args)
 
     import uvicorn
 
@@ -53,6 +59,40 @@ def serve(argv: list[str]) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
     return 0
+
+
+# -- Ray Serve (optional: `pip install 'pocketgpt[ray]'`) --------------------------------------------------
+def _ray_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray Serve", "serve replicas on a Ray cluster (README: Scaling out)")
+    group.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="deploy with Ray Serve; ADDRESS of a cluster (ray://host:10001, auto), none: a local "
+                       "Ray instance")
+    scale = group.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="replicas follow ongoing requests per replica "
+                       "(target: --max-running)")
+    group.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+
+
+def _serve_ray(parser: argparse.ArgumentParser, settings: Settings, address: str | None, replicas: int | None,
+               autoscale: str | None, replica_cpus: float) -> int:
+    if address is None:
+        parser.error("--replicas and --autoscale need --ray")
+    if replicas is not None and replicas < 1:
+        parser.error("--replicas must be at least 1")
+    from pocketgpt.app import ray_cli  # imports no ray
+
+    try:
+        bounds = ray_cli.parse_autoscale(autoscale) if autoscale is not None else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        importlib.import_module("ray.serve")  # only to know it is there: ray_cli imports what it uses
+    except ImportError as exc:
+        print(f"pocketgpt serve: --ray needs Ray Serve, which is not installed ({exc.name or 'ray'} is missing): "
+              "pip install 'pocketgpt[ray]'", file=sys.stderr)
+        return 2
+    return ray_cli.run(settings, address, replicas=replicas, autoscale=bounds, replica_cpus=replica_cpus)
 
 
 def generate(argv: list[str]) -> int:

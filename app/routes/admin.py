@@ -33,6 +33,7 @@ from pocketgpt.app.jobs.process import tail_lines
 from pocketgpt.app.jobs.schemas import ConfigProblem, JobRequest, ModelSwapRequest
 from pocketgpt.app.jobs.store import LIVE_STATUSES, TERMINAL_STATUSES
 from pocketgpt.app.sse import ping_interval
+from pocketgpt.model.checkpoint import CheckpointError
 
 log = logging.getLogger("pocketgpt.admin")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pocketgpt-admin"'}
@@ -236,6 +237,9 @@ async def swap_model(body: ModelSwapRequest, request: Request, manager: JobManag
     """Hot-load a checkpoint. Answers once new requests go to it (the old model finishes its requests in the
     background); on failure the current model keeps serving and the reason is returned (422)."""
     path = _checkpoint_dir(manager, body.checkpoint, param="checkpoint")
+    swap_all = getattr(request.app.state, "swap_all_replicas", None)
+    if swap_all is not None:  # Ray Serve (app/ray_serve.py): answer once every replica serves it
+        return await _swap_all_replicas(swap_all, path, body.checkpoint, manager)
     holder = request.app.state.holder
     before = holder.current
     swap = asyncio.ensure_future(holder.swap(path))
@@ -248,6 +252,18 @@ async def swap_model(body: ModelSwapRequest, request: Request, manager: JobManag
                        param="checkpoint", code="checkpoint_load_failed")
     return {"object": "model", "checkpoint": manager.checkpoint_name(path), "path": str(path),
             "draining": not swap.done()}
+
+
+async def _swap_all_replicas(swap_all, path: Path, name: str, manager: JobManager) -> dict[str, Any]:
+    try:
+        await swap_all(path)
+    except CheckpointError as e:  # raised by this replica's load, before any other replica was touched
+        raise APIError(422, f"Could not load checkpoint {name!r}: {e}", param="checkpoint",
+                       code="checkpoint_load_failed") from None
+    except (RuntimeError, TimeoutError) as e:
+        raise APIError(502, f"Not every replica serves {name!r}: {e}", code="replicas_not_swapped") from None
+    return {"object": "model", "checkpoint": manager.checkpoint_name(path), "path": str(path), "draining": False,
+            "replicas": "all"}
 
 
 _swaps: set[asyncio.Future] = set()  # swaps still draining the previous engine; referenced so they finish

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from pocketgpt.app.auth import require_api_key
@@ -31,12 +31,14 @@ async def readyz(ctx: AppContext = Depends(get_ctx)) -> Response:
 
 
 @router.get("/info", dependencies=[Depends(require_api_key)])
-async def info(ctx: AppContext = Depends(get_ctx)) -> dict[str, Any]:
-    """Model, checkpoint path, config, context length, device, dtype and the server's limits."""
+async def info(request: Request, ctx: AppContext = Depends(get_ctx)) -> dict[str, Any]:
+    """Model, checkpoint path, config, context length, device, dtype and the server's limits (and, under Ray
+    Serve, which replica answered)."""
     engine = ctx.holder.current
     if engine is None:
         raise APIError(503, "the model is not loaded yet", code="model_not_ready")
-    return {**engine.info(), "limits": ctx.settings.limits()}
+    replica = getattr(request.app.state, "replica", None)  # set by app/ray_serve.py
+    return {**engine.info(), "limits": ctx.settings.limits(), **({"replica": replica} if replica else {})}
 
 
 @router.get("/metrics")

@@ -1,0 +1,101 @@
+"""`pocketgpt serve --ray` without a Ray cluster: the config it deploys, its flags, and Ray staying optional.
+
+These run in the default suite (no Ray instance); tests/test_ray_serve.py runs the real thing (marker `ray`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pocketgpt.app.ray_cli import parse_autoscale, replica_env, serve_config
+from pocketgpt.app.settings import Settings
+from tests.serverproc import ROOT, base_env
+
+# Runs the CLI with every `ray` module import refused, as on an install without the [ray] extra.
+_WITHOUT_RAY = textwrap.dedent("""
+    import sys
+    class NoRay:
+        def find_spec(self, name, path=None, target=None):
+            if name == "ray" or name.startswith("ray."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, NoRay())
+    from pocketgpt.app.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _run_without_ray(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_RAY, *args], capture_output=True, text=True,
+                          env=base_env(PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=120)
+
+
+def test_ray_flag_without_ray_installed_fails_with_one_clear_line(tiny_checkpoint: Path) -> None:
+    done = _run_without_ray("serve", "--ray", "--replicas", "2", "--checkpoint", str(tiny_checkpoint))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "--ray needs Ray Serve" in lines[0] and "pip install 'pocketgpt[ray]'" in lines[0]
+
+
+def test_replicas_without_ray_flag_is_a_usage_error() -> None:
+    done = _run_without_ray("serve", "--replicas", "2")
+    assert done.returncode == 2
+    assert "--replicas and --autoscale need --ray" in done.stderr
+
+
+def test_single_process_server_never_imports_ray(tiny_checkpoint: Path) -> None:
+    code = textwrap.dedent(f"""
+        import sys
+        from pocketgpt.app import serve_cli
+        from pocketgpt.app.main import create_app
+        from pocketgpt.app.settings import Settings
+        create_app(Settings(checkpoint={str(tiny_checkpoint)!r}))
+        print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=base_env(PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("text", "bounds"), [("1:4", (1, 4)), ("0:2", (0, 2)), ("3:3", (3, 3))])
+def test_parse_autoscale(text: str, bounds: tuple[int, int]) -> None:
+    assert parse_autoscale(text) == bounds
+
+
+@pytest.mark.parametrize("text", ["4", "4:1", "0:0", "a:b", "-1:2", "1:2:3"])
+def test_parse_autoscale_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="--autoscale"):
+        parse_autoscale(text)
+
+
+def test_autoscale_target_follows_max_running(tmp_path: Path) -> None:
+    settings = Settings(checkpoint=tmp_path / "ckpt", max_running=6, max_queue=10)
+    config = serve_config(settings, replicas=None, autoscale=(1, 3), replica_cpus=2, gpus_per_replica=1)
+    (app,) = config["applications"]
+    (deployment,) = app["deployments"]
+    assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6}
+    assert "num_replicas" not in deployment
+    assert deployment["max_ongoing_requests"] == 16
+    assert deployment["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    # The model travels as user_config (absolute: replicas have their own working directory), not as settings.
+    assert deployment["user_config"] == {"checkpoint": str((tmp_path / "ckpt").resolve())}
+    assert "POCKETGPT_CHECKPOINT" not in app["runtime_env"]["env_vars"]
+
+
+def test_replica_env_round_trips_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(max_running=3, api_keys=["k1", "k2"], admin_token="s3cret", checkpoint_dir=Path("ck"))
+    env = replica_env(settings)
+    assert env["POCKETGPT_CHECKPOINT_DIR"] == str(tmp_path / "ck")  # absolute
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    again = Settings()
+    assert again.max_running == 3 and again.api_keys == ["k1", "k2"]
+    assert again.admin_token is not None and again.admin_token.get_secret_value() == "s3cret"
+    assert again.checkpoint_dir == tmp_path / "ck"
