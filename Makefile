@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint serve bench
+.PHONY: venv test test-ray lint serve bench
 
 venv: $(STAMP)
 
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The Ray Serve tests (marker `ray`, excluded from `make test`): installs the ray extra, starts a local Ray.
+test-ray: venv
+	$(BIN)/python -m pip install -q -e '.[ray]'
+	$(BIN)/python -m pytest -q -m ray
 
 lint: venv
 	$(BIN)/ruff check .

@@ -4,7 +4,8 @@
     python -m bench.ray_serve --streams 32 --max-new-tokens 128 --rounds 3
 
 Each side runs as `python -m pocketgpt.app.cli serve ...` on the same random-weight checkpoint (the headline
-shape: 6 layers, 384 wide, vocab 8192), one side after another in one run, with the same total CPU threads: the
+shape: 6 layers, 384 wide, vocab 8192) with the same total CPU threads; each Ray side runs beside the single
+process and their rounds alternate, so both see the same background load. The
 single process and the one replica get every core; two replicas get half each (Ray sets a replica's torch
 threads from its `num_cpus`). Per side: one warm-up round, then `rounds` rounds of `streams` concurrent greedy
 streams of `max_new_tokens` tokens; aggregate tokens/s is a round's tokens over its wall time (median round
@@ -100,18 +101,23 @@ async def _round(port: int, streams: int, n: int) -> tuple[list[StreamResult], f
     return list(results), last - t0
 
 
-def measure(side: Side, streams: int, n: int, rounds: int) -> dict[str, Any]:
-    """Warm-up, then `rounds` rounds; the median round's aggregate tok/s and pooled TTFT quantiles."""
-    asyncio.run(_round(side.port, streams, n))
-    rates, ttft, failed, errors = [], [], 0, set()
+def measure_pair(a: Side, b: Side, streams: int, n: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Warm both up, then alternate rounds a, b, a, b, ... so that drifting load on a shared machine hits both
+    alike; per side the median round's aggregate tok/s and TTFT quantiles over every round's streams."""
+    for side in (a, b):
+        asyncio.run(_round(side.port, streams, n))
+    acc: dict[str, dict[str, Any]] = {s.name: {"rates": [], "ttft": [], "failed": 0, "errors": set()} for s in (a, b)}
     for _ in range(rounds):
-        results, wall = asyncio.run(_round(side.port, streams, n))
-        rates.append(sum(len(r.arrivals) for r in results) / wall)
-        ttft += [r.ttft for r in results if r.ttft is not None]
-        failed += sum(not r.ok for r in results)
-        errors |= {r.error for r in results if r.error}
-    return {"aggregate_tok_s": statistics.median(rates), "rounds_tok_s": rates, "ttft_p50_ms": pct(ttft, 50) * 1e3,
-            "ttft_p99_ms": pct(ttft, 99) * 1e3, "failed": failed, "errors": sorted(errors)[:3]}
+        for side in (a, b):
+            results, wall = asyncio.run(_round(side.port, streams, n))
+            rec = acc[side.name]
+            rec["rates"].append(sum(len(r.arrivals) for r in results) / wall)
+            rec["ttft"] += [r.ttft for r in results if r.ttft is not None]
+            rec["failed"] += sum(not r.ok for r in results)
+            rec["errors"] |= {r.error for r in results if r.error}
+    return {name: {"aggregate_tok_s": statistics.median(rec["rates"]), "rounds_tok_s": rec["rates"],
+                   "ttft_p50_ms": pct(rec["ttft"], 50) * 1e3, "ttft_p99_ms": pct(rec["ttft"], 99) * 1e3,
+                   "failed": rec["failed"], "errors": sorted(rec["errors"])[:3]} for name, rec in acc.items()}
 
 
 def capacity_model(per_replica_tok_s: float, tokens_per_request: int) -> dict[str, Any]:
@@ -138,18 +144,25 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = make_checkpoint(work / "model", headline_config(block_size=512), bench_tokenizer())
     result: dict[str, Any] = {"streams": args.streams, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                               "cores": args.cores, "loadavg_before": os.getloadavg(), "sides": {}}
-    for name, replicas in (("single_process", None), ("ray_1_replica", 1), ("ray_2_replicas", 2)):
-        side = Side(name, checkpoint, args.cores, args.streams, replicas, work / f"{name}.log")
-        try:
-            side.wait_ready()
-            result["sides"][name] = measure(side, args.streams, args.max_new_tokens, args.rounds)
-        finally:
-            side.close()
-        print(name, json.dumps(result["sides"][name]), file=sys.stderr, flush=True)
+    single = Side("single_process", checkpoint, args.cores, args.streams, None, work / "single.log")
+    try:
+        single.wait_ready()
+        # Two phases, each the single process against one Ray side (one local Ray instance at a time).
+        for phase, replicas in (("ray_1_replica", 1), ("ray_2_replicas", 2)):
+            side = Side(phase, checkpoint, args.cores, args.streams, replicas, work / f"{phase}.log")
+            try:
+                side.wait_ready()
+                figures = measure_pair(single, side, args.streams, args.max_new_tokens, args.rounds)
+            finally:
+                side.close()
+            result["sides"][phase] = figures[phase]
+            result["sides"][f"single_process_vs_{phase}"] = figures["single_process"]
+            result[f"ratio_{phase}_vs_single"] = figures[phase]["aggregate_tok_s"] / figures["single_process"][
+                "aggregate_tok_s"]
+            print(phase, json.dumps(figures), file=sys.stderr, flush=True)
+    finally:
+        single.close()
     result["loadavg_after"] = os.getloadavg()
-    single = result["sides"]["single_process"]["aggregate_tok_s"]
-    result["ratio_ray_1_vs_single"] = result["sides"]["ray_1_replica"]["aggregate_tok_s"] / single
-    result["ratio_ray_2_vs_single"] = result["sides"]["ray_2_replicas"]["aggregate_tok_s"] / single
     result["capacity"] = capacity_model(result["sides"]["ray_1_replica"]["aggregate_tok_s"], args.max_new_tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -174,8 +187,12 @@ def report(r: dict[str, Any], json_path: Path) -> str:
 |---|---|---|---|---|
 {rows}
 
-- `--ray --replicas 1` / single process: **{r['ratio_ray_1_vs_single']:.2f}x** aggregate tokens/s (target >= 0.9x).
-- `--ray --replicas 2` / single process: **{r['ratio_ray_2_vs_single']:.2f}x** (the two replicas share the same
+Each Ray side ran beside the single process, rounds alternating (`single_process_vs_*` rows are its figures in
+that phase), so the ratios compare rounds taken under the same load:
+
+- `--ray --replicas 1` / single process: **{r['ratio_ray_1_replica_vs_single']:.2f}x** aggregate tokens/s (target
+  >= 0.9x).
+- `--ray --replicas 2` / single process: **{r['ratio_ray_2_replicas_vs_single']:.2f}x** (the two replicas share the same
   cores, so no gain is expected here; on a cluster each replica has its own GPU or node).
 
 ## Capacity model

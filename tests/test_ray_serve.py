@@ -191,3 +191,15 @@ def test_killed_replica_ends_only_its_streams_and_its_successor_serves_the_curre
     else:
         pytest.fail(f"the killed replica was not replaced: {sorted(seen)}")
     assert {info["checkpoint"] for info in seen.values()} == {str(cluster.ckpts / "second")}
+
+
+def test_kuberay_manifest_holds_a_valid_serve_config_for_this_app() -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load((ROOT / "docker" / "kuberay-rayservice.yaml").read_text())
+    config = ServeDeploySchema(**yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.import_path == "pocketgpt.app.ray_serve:app"
+    (deployment,) = app.deployments
+    assert deployment.name == "PocketGPT" and deployment.user_config["checkpoint"]
