@@ -12,6 +12,7 @@ Ray is imported only inside `run()`: `serve_cli` checks it is installed before c
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -108,9 +109,11 @@ def run(settings: Settings, address: str, *, replicas: int | None, autoscale: tu
         _wait_for_signal()
         return 0
     finally:
-        if address:  # a shared cluster: remove our application, leave Serve and the cluster running
+        # Remove our application (Serve's apps outlive their driver on a cluster that was already running),
+        # without waiting on a cluster that may be going down too; a local instance we started stops with us.
+        with contextlib.suppress(Exception):
             serve.delete(APP_NAME, _blocking=False)
-        ray.shutdown()  # a local instance: stops every process it started (Serve's included)
+        ray.shutdown()
 
 
 def _wait_running(serve: Any, timeout_s: float = DEPLOY_TIMEOUT_S) -> str | None:

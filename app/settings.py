@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(30.0, gt=0, description="seconds a cancelled (or, at shutdown, stopped) "
                                   "training job gets to save and exit after SIGTERM before SIGKILL")
 
+    # -- Ray (optional extra; README "Scaling out") ----------------------------------------------
+    ray_jobs_address: str | None = Field(None, description="a Ray cluster's job API (http://HEAD:8265): admin-API "
+                                         "training jobs run there as Ray jobs instead of local processes")
+    ray_job_gpus: float = Field(0, ge=0, description="GPUs Ray reserves for each training job")
+
     log_level: str = Field("info", description="level of the pocketgpt loggers")
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -181,26 +181,32 @@ def report(r: dict[str, Any], json_path: Path) -> str:
 
 {r['streams']} concurrent greedy streams of {r['max_new_tokens']} tokens, {r['rounds']} rounds after a warm-up,
 {r['cores']} cores shared by every side's replicas. Load average before {r['loadavg_before'][0]:.1f}, after
-{r['loadavg_after'][0]:.1f} (a shared machine: read the ratios).
+{r['loadavg_after'][0]:.1f}: a shared machine, so read the ratios, not the absolute figures.
 
 | side | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | failed |
 |---|---|---|---|---|
 {rows}
 
-Each Ray side ran beside the single process, rounds alternating (`single_process_vs_*` rows are its figures in
-that phase), so the ratios compare rounds taken under the same load:
+Each Ray side ran beside the single process with their rounds alternating (`single_process_vs_*` rows are the
+single process's figures in that phase), so each ratio compares rounds taken under the same load:
 
-- `--ray --replicas 1` / single process: **{r['ratio_ray_1_replica_vs_single']:.2f}x** aggregate tokens/s (target
-  >= 0.9x).
-- `--ray --replicas 2` / single process: **{r['ratio_ray_2_replicas_vs_single']:.2f}x** (the two replicas share the same
-  cores, so no gain is expected here; on a cluster each replica has its own GPU or node).
+- `--ray --replicas 1` / single process: **{r['ratio_ray_1_replica_vs_single']:.2f}x** aggregate tokens/s
+  (target >= 0.9x).
+- `--ray --replicas 2` / single process: **{r['ratio_ray_2_replicas_vs_single']:.2f}x** (two replicas share the
+  same cores here, so no gain is expected; on a cluster each replica has its own GPU or node).
+
+A ratio above 1 is possible on this machine: behind Ray Serve the client sockets are handled by the proxy, a
+separate process, while the single process serves HTTP and runs its engine thread under one interpreter lock.
+That is a likely reading, not a measured one. Left out: a real cluster, GPUs, network hops between nodes,
+autoscaling.
 
 ## Capacity model
-One replica sustained {cap['per_replica_tok_s']:.0f} tokens/s at {r['streams']} streams. At {cap['tokens_per_request']}
-tokens per request and {cap['headroom']:.0%} target utilisation that is {cap['requests_per_s_per_replica']:.2f}
-requests/s per replica, so `{cap['formula']}`: {examples} (replicas of this size on this hardware). Replicas
-scale linearly as long as each has its own cores or GPU: the proxy adds a hop, not shared work. With
-`--autoscale MIN:MAX` Serve adds a replica when ongoing requests per replica exceed `--max-running`.
+One replica sustained {cap['per_replica_tok_s']:.0f} tokens/s at {r['streams']} streams. At
+{cap['tokens_per_request']} tokens per request and {cap['headroom']:.0%} target utilisation that is
+{cap['requests_per_s_per_replica']:.2f} requests/s per replica, so
+`{cap['formula']}`: {examples} (replicas of this model size on this hardware). Replicas add capacity linearly
+while each has its own cores or GPU (the proxy adds a hop, not shared work); on one host they share it.
+With `--autoscale MIN:MAX` Serve adds a replica when ongoing requests per replica exceed `--max-running`.
 """
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 from pocketgpt.app.engine.holder import EngineHolder
@@ -21,8 +23,19 @@ def create_job_manager(settings: Settings, holder: EngineHolder) -> JobManager:
     their checkpoint through `holder`."""
     return JobManager(
         JobStore(settings.db), settings.checkpoint_dir, max_concurrent=settings.max_concurrent_jobs,
-        cancel_grace_s=settings.cancel_grace_s, on_serve=holder.swap,
+        cancel_grace_s=settings.cancel_grace_s, on_serve=holder.swap, trainer_cmd=trainer_command(settings),
     )
+
+
+def trainer_command(settings: Settings) -> list[str] | None:
+    """The command a job's arguments are appended to: None (the manager's local trainer), or with
+    POCKETGPT_RAY_JOBS_ADDRESS a stand-in that runs the trainer as a Ray job (app/jobs/ray_jobs.py)."""
+    if not settings.ray_jobs_address:
+        return None
+    return [sys.executable, "-m", "pocketgpt.app.jobs.ray_jobs", "--address", settings.ray_jobs_address,
+            # Ray's own SIGKILL comes first, so this stand-in can still report how the job ended.
+            "--gpus", str(settings.ray_job_gpus), "--stop-wait", str(max(1, math.floor(settings.cancel_grace_s * 0.8))),
+            "--"]
 
 
 def named_for(path: Path, settings: Settings) -> Settings:

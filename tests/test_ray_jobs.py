@@ -1,0 +1,114 @@
+"""Admin-API training jobs run as Ray jobs (POCKETGPT_RAY_JOBS_ADDRESS): the real trainer, a local Ray instance.
+
+Marked `ray` (excluded by default): `pytest -m ray tests/test_ray_jobs.py`. The Ray instance runs with its
+dashboard (Ray's job API lives there) in a child process; the admin server runs in-process as in
+tests/test_admin_http.py, its checkpoint root on the local disk both sides see.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pocketgpt.app.testing import running_server
+from tests.admin_helpers import (
+    ADMIN,
+    corpus_bytes,
+    follow_events,
+    generate,
+    make_app,
+    make_settings,
+    start_job,
+    upload,
+    wait_job,
+)
+from tests.conftest import make_tiny_checkpoint
+from tests.serverproc import ROOT, base_env, free_port
+
+job_submission = pytest.importorskip("ray.job_submission", reason="needs the ray extra: pip install 'pocketgpt[ray]'")
+JobSubmissionClient = job_submission.JobSubmissionClient
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+_CLUSTER = textwrap.dedent("""
+    import sys, ray
+    ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]))
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    ray.shutdown()
+""")
+
+
+@pytest.fixture(scope="module")
+def ray_jobs_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("raycluster") / "cluster.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _CLUSTER, str(port)], stdin=subprocess.PIPE, stdout=fh,
+                                stderr=subprocess.STDOUT, env=base_env(PYTHONPATH=str(ROOT)), cwd=ROOT)
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no Ray job API at {address}:\n{log.read_text(errors='replace')[-4000:]}")
+        if "ready" in log.read_text():
+            try:
+                JobSubmissionClient(address).get_version()  # the job API answers (with Ray's auth token)
+                break
+            except Exception:  # not up yet: connection refused, 503, ...
+                pass
+        time.sleep(0.5)
+    try:
+        yield address
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_job_runs_on_ray_and_its_checkpoint_is_served(tmp_path: Path, ray_jobs_address: str) -> None:
+    settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "ckpt" / "base"),
+                             ray_jobs_address=ray_jobs_address)
+    with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ds = upload(client, corpus_bytes())
+        job = start_job(client, data=ds["id"], max_steps=10, serve_when_done=True)
+        events = follow_events(client, job["id"], timeout=300)
+        assert [d["step"] for k, d in events if k == "train"] == list(range(1, 11))
+        final = events[-1][1]
+        assert final["status"] == "succeeded" and final["exit_code"] == 0, final
+        served = wait_job(client, job["id"], lambda j: j["served_checkpoint"] or j["serve_error"], timeout=60)
+        assert served["served_checkpoint"] == f"{job['id']}/best", served
+        assert generate(client)["model"] == f"{job['id']}/best"
+        log = client.get(f"/admin/jobs/{job['id']}/logs?tail=1000", headers=ADMIN).text
+        assert "submitted Ray job" in log and "SUCCEEDED" in log
+    ray_jobs = JobSubmissionClient(ray_jobs_address).list_jobs()
+    assert any(f"--out {tmp_path / 'ckpt' / job['id']}" in j.entrypoint for j in ray_jobs)
+
+
+def test_cancel_stops_the_ray_job_after_it_saves_and_resume_continues(tmp_path: Path, ray_jobs_address: str) -> None:
+    settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "ckpt" / "base"),
+                             ray_jobs_address=ray_jobs_address)
+    with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ds = upload(client, corpus_bytes())
+        job = start_job(client, data=ds["id"], max_steps=300)
+        wait_job(client, job["id"], lambda j: (j["step"] or 0) >= 2, timeout=300)
+        assert client.post(f"/admin/jobs/{job['id']}/cancel", headers=ADMIN).status_code == 200
+        cancelled = wait_job(client, job["id"], lambda j: j["status"] != "running", timeout=120)
+        assert cancelled["status"] == "cancelled" and cancelled["exit_code"] == 143, cancelled
+        assert cancelled["checkpoints"]["last"] == f"{job['id']}/last"  # the trainer saved on Ray's SIGTERM
+        assert client.post(f"/admin/jobs/{job['id']}/resume", headers=ADMIN).status_code == 202
+        running = wait_job(client, job["id"], lambda j: j["status"] == "running" and
+                           (j["step"] or 0) > cancelled["step"], timeout=300)
+        assert running["resumed_from_step"] == cancelled["step"]
+        client.post(f"/admin/jobs/{job['id']}/cancel", headers=ADMIN)
+        wait_job(client, job["id"], lambda j: j["status"] != "running", timeout=120)
