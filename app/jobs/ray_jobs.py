@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import shlex
 import signal
 import sys
@@ -25,6 +26,7 @@ import time
 
 STOPPED_EXIT = 128 + signal.SIGTERM  # what a trainer stopped by SIGTERM exits with locally
 POLL_S = 0.5
+SUBMIT_RETRY_S = 120.0
 
 
 def trainer_entrypoint(python: str, args: list[str]) -> str:
@@ -49,10 +51,17 @@ async def run(address: str, args: list[str], python: str, gpus: float, stop_wait
     client = JobSubmissionClient(address)
     entrypoint = trainer_entrypoint(python, args)
     env = {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait_s)}
-    job_id = await asyncio.to_thread(
-        client.submit_job, entrypoint=entrypoint, entrypoint_num_gpus=gpus or None,
-        submission_id=f"pocketgpt-{int(time.time() * 1000)}", runtime_env={"env_vars": env},
-    )
+    submit = functools.partial(client.submit_job, entrypoint=entrypoint, entrypoint_num_gpus=gpus or None,
+                               submission_id=f"pocketgpt-{int(time.time() * 1000)}", runtime_env={"env_vars": env})
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    while True:
+        try:
+            job_id = await asyncio.to_thread(submit)
+            break
+        except RuntimeError as exc:  # a node's job agent still starting answers 500 "try again later"
+            if "try again" not in str(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(2)
     print(f"pocketgpt: submitted Ray job {job_id} to {address}: {entrypoint}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
