@@ -70,7 +70,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     jobs = None
     try:
         if admin:
-            jobs = app.state.job_manager = create_job_manager(ctx.settings, ctx.holder)
+            jobs = app.state.job_manager = create_job_manager(ctx.settings, ctx.holder,
+                                                              on_serve=app.state.swap_all_replicas)
             if not replica:  # one manager owns the job queue; replicas only read the store (app/ray_serve.py)
                 await jobs.start()
         yield
@@ -119,6 +120,12 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
     app.state.job_manager = None  # set by the lifespan when the admin API is enabled
     app.state.replica_mode = replica
+    # Set when model swaps go to every Ray Serve replica rather than to `holder` (README "Scaling out").
+    app.state.swap_all_replicas = None
+    if settings.ray_serve_address and not replica:  # this server is the control plane of a Ray deployment
+        from pocketgpt.app.ray_serve import ClusterSwapper  # imports ray: only when configured
+
+        app.state.swap_all_replicas = ClusterSwapper(settings.ray_serve_address)
     install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(openai.router)

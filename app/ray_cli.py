@@ -105,7 +105,8 @@ def run(settings: Settings, address: str, *, replicas: int | None, autoscale: tu
             return 1
         count = f"{autoscale[0]}..{autoscale[1]} autoscaled" if autoscale else str(replicas or 1)
         print(f"pocketgpt: serving {count} replica(s) through Ray Serve at http://{settings.host}:{settings.port}"
-              f" ({'one GPU each' if use_gpus else 'CPU'})", file=sys.stderr, flush=True)
+              f" ({'one GPU each' if use_gpus else 'CPU'}; Ray cluster {ray.get_runtime_context().gcs_address})",
+              file=sys.stderr, flush=True)
         _wait_for_signal()
         return 0
     finally:

@@ -33,6 +33,7 @@ from pocketgpt.app.errors import APIError
 from pocketgpt.app.main import create_app
 from pocketgpt.app.ray_cli import APP_NAME, DEPLOYMENT
 from pocketgpt.app.settings import Settings
+from pocketgpt.model.checkpoint import load_checkpoint
 
 REPLICA_HEADER = "x-pocketgpt-replica"
 SWAP_TIMEOUT_S = 600.0  # every replica loads the checkpoint; a large model on a busy cluster takes a while
@@ -106,6 +107,25 @@ async def publish_checkpoint(holder: EngineHolder, path: Path) -> None:
     # This replica first: a checkpoint that does not load fails here, before any other replica is touched.
     await holder.swap(path, wait_drained=False)
     await asyncio.to_thread(_apply_user_config, {"checkpoint": str(Path(path).resolve())})
+
+
+class ClusterSwapper:
+    """`POST /admin/model` and `serve_when_done` on an admin server outside Ray Serve (POCKETGPT_RAY_SERVE_ADDRESS):
+    swap the model of the `pocketgpt serve --ray` deployment on that cluster instead of a local engine."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def __call__(self, path: Path) -> None:
+        # Load it here first (CPU, then dropped): a checkpoint that does not load must not reach the replicas,
+        # whose failed reconfigure would take the deployment down. Raises CheckpointError.
+        await asyncio.to_thread(load_checkpoint, path)
+        await asyncio.to_thread(self._apply, Path(path))
+
+    def _apply(self, path: Path) -> None:
+        if not ray.is_initialized():
+            ray.init(address=self.address, logging_level="WARNING")
+        _apply_user_config({"checkpoint": str(path.resolve())})
 
 
 def _apply_user_config(user_config: dict[str, Any], timeout_s: float = SWAP_TIMEOUT_S) -> None:

@@ -7,6 +7,7 @@ One deployment serves the whole module, so the tests run in file order: streams,
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,8 +157,45 @@ def test_job_submission_on_a_replica_answers_501(cluster: Cluster) -> None:
     assert r.headers["x-pocketgpt-replica"]
 
 
+def test_an_admin_server_outside_ray_swaps_every_replica(cluster: Cluster, tmp_path: Path) -> None:
+    """The control plane: a single-process admin server (where training jobs run) with POCKETGPT_RAY_SERVE_ADDRESS
+    sends its model swaps (and serve_when_done) to the deployment's replicas."""
+    make_tiny_checkpoint(cluster.ckpts / "third", block_size=1024, seed=2)
+    gcs = re.search(r"Ray cluster (\S+?)\)", cluster.log.read_text()).group(1)
+    port = free_port()
+    env = base_env(PYTHONPATH=str(ROOT), POCKETGPT_ADMIN_TOKEN=ADMIN, POCKETGPT_CHECKPOINT_DIR=str(cluster.ckpts),
+                   POCKETGPT_DB=str(tmp_path / "jobs.db"), POCKETGPT_DATA_DIR=str(tmp_path / "data"),
+                   POCKETGPT_RAY_SERVE_ADDRESS=gcs, RAY_AUTH_MODE="token")
+    with open(tmp_path / "admin.log", "wb") as fh:
+        admin = subprocess.Popen([sys.executable, "-m", "pocketgpt.app.cli", "serve", "--port", str(port)], env=env,
+                                 cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert admin.poll() is None and time.monotonic() < deadline, (tmp_path / "admin.log").read_text()
+            time.sleep(0.3)
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        bad = httpx.post(f"{base}/admin/model", json={"checkpoint": "broken"}, headers=auth, timeout=300)
+        assert bad.status_code == 422, bad.text  # checked here: never sent to the replicas
+        r = httpx.post(f"{base}/admin/model", json={"checkpoint": "third"}, headers=auth, timeout=300)
+        assert r.status_code == 200, r.text + (tmp_path / "admin.log").read_text()[-3000:]
+    finally:
+        admin.terminate()
+        admin.wait(60)
+    infos = cluster.replicas_seen()
+    assert {info["checkpoint"] for info in infos.values()} == {str(cluster.ckpts / "third")}
+
+
 def test_killed_replica_ends_only_its_streams_and_its_successor_serves_the_current_model(cluster: Cluster) -> None:
     replicas = cluster.replicas_seen()
+    (current,) = {info["checkpoint"] for info in replicas.values()}
+    assert current != str(cluster.ckpts / "first")  # swapped since start-up, so a restart must not go back
     victim_id = sorted(replicas)[0]
     results, threads = _start_streams(cluster.base, 16, {**STREAM, "max_new_tokens": 1000})
     deadline = time.monotonic() + 60
@@ -190,7 +228,7 @@ def test_killed_replica_ends_only_its_streams_and_its_successor_serves_the_curre
         time.sleep(1)
     else:
         pytest.fail(f"the killed replica was not replaced: {sorted(seen)}")
-    assert {info["checkpoint"] for info in seen.values()} == {str(cluster.ckpts / "second")}
+    assert {info["checkpoint"] for info in seen.values()} == {current}
 
 
 def test_kuberay_manifest_holds_a_valid_serve_config_for_this_app() -> None:

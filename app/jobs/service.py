@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pocketgpt.app.engine.holder import EngineHolder
-from pocketgpt.app.jobs.manager import JobManager
+from pocketgpt.app.jobs.manager import JobManager, ServeHook
 from pocketgpt.app.jobs.store import JobStore
 from pocketgpt.app.settings import Settings
 
@@ -18,12 +18,13 @@ def admin_enabled(settings: Settings) -> bool:
     return token is not None and bool(token.get_secret_value())
 
 
-def create_job_manager(settings: Settings, holder: EngineHolder) -> JobManager:
+def create_job_manager(settings: Settings, holder: EngineHolder, on_serve: ServeHook | None = None) -> JobManager:
     """A job manager over the configured database and checkpoint root; jobs with serve_when_done hot-load
-    their checkpoint through `holder`."""
+    their checkpoint through `on_serve` (every Ray Serve replica), else through `holder`."""
     return JobManager(
         JobStore(settings.db), settings.checkpoint_dir, max_concurrent=settings.max_concurrent_jobs,
-        cancel_grace_s=settings.cancel_grace_s, on_serve=holder.swap, trainer_cmd=trainer_command(settings),
+        cancel_grace_s=settings.cancel_grace_s, on_serve=on_serve or holder.swap,
+        trainer_cmd=trainer_command(settings),
     )
 
 
