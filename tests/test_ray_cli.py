@@ -124,3 +124,23 @@ def test_ray_dockerfile_passes_hadolint() -> None:
     done = subprocess.run([hadolint, "--no-color", str(ROOT / "docker" / "Dockerfile.ray")], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ray_job_end_maps_to_a_trainer_exit_code() -> None:
+    from pocketgpt.app.jobs.ray_jobs import exit_code, trainer_entrypoint
+
+    assert exit_code("SUCCEEDED", None) == 0
+    assert exit_code("STOPPED", None) == 143  # what the manager reads as "stopped by SIGTERM": cancelled/interrupted
+    assert exit_code("FAILED", 3) == 3 and exit_code("FAILED", None) == 1
+    assert trainer_entrypoint("python", ["--data", "my file.txt", "--out", "/x"]) == \
+        "python -m pocketgpt.training train --data 'my file.txt' --out /x"
+
+
+def test_jobs_go_to_ray_only_when_configured() -> None:
+    from pocketgpt.app.jobs.service import trainer_command
+
+    assert trainer_command(Settings()) is None  # the local trainer, as before
+    cmd = trainer_command(Settings(ray_jobs_address="http://head:8265", ray_job_gpus=1, cancel_grace_s=30))
+    assert cmd is not None and cmd[1:3] == ["-m", "pocketgpt.app.jobs.ray_jobs"]
+    assert cmd[cmd.index("--address") + 1] == "http://head:8265" and cmd[cmd.index("--gpus") + 1] == "1.0"
+    assert int(cmd[cmd.index("--stop-wait") + 1]) < 30 and cmd[-1] == "--"
