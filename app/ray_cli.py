@@ -41,6 +41,23 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
+def check_model(settings: Settings) -> str | None:
+    """Why the configured model cannot be deployed, or None. The checkpoint is loaded here once (on the CPU, then
+    dropped): one that does not load would fail every replica, again and again, instead of one clear line."""
+    from pocketgpt.app.jobs.service import admin_enabled
+    from pocketgpt.model.checkpoint import CheckpointError, load_checkpoint
+
+    if settings.checkpoint is None:
+        if admin_enabled(settings):
+            return None  # as without Ray: start empty, load one through POST /admin/model
+        return "no checkpoint configured: set POCKETGPT_CHECKPOINT or pass --checkpoint DIR"
+    try:
+        load_checkpoint(settings.checkpoint)
+    except CheckpointError as exc:
+        return f"cannot load checkpoint {settings.checkpoint}: {exc}"
+    return None
+
+
 def replica_env(settings: Settings) -> dict[str, str]:
     """The settings as the POCKETGPT_* variables a replica reads, without the checkpoint (user_config has it)
     and with relative paths made absolute."""

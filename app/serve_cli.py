@@ -86,6 +86,10 @@ def _serve_ray(parser: argparse.ArgumentParser, settings: Settings, address: str
         bounds = ray_cli.parse_autoscale(autoscale) if autoscale is not None else None
     except ValueError as exc:
         parser.error(str(exc))
+    problem = ray_cli.check_model(settings)
+    if problem:
+        print(f"pocketgpt serve --ray: {problem}", file=sys.stderr)
+        return 2
     try:
         importlib.import_module("ray.serve")  # only to know it is there: ray_cli imports what it uses
     except ImportError as exc:

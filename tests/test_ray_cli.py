@@ -44,6 +44,16 @@ def test_ray_flag_without_ray_installed_fails_with_one_clear_line(tiny_checkpoin
     assert "--ray needs Ray Serve" in lines[0] and "pip install 'pocketgpt[ray]'" in lines[0]
 
 
+@pytest.mark.parametrize("checkpoint", ["missing", None])
+def test_ray_flag_with_no_loadable_model_fails_before_deploying(tmp_path: Path, checkpoint: str | None) -> None:
+    args = ["serve", "--ray"] + (["--checkpoint", str(tmp_path / checkpoint)] if checkpoint else [])
+    done = _run_without_ray(*args)  # fails on the model first, whether or not Ray is there
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("pocketgpt serve --ray: ")
+    assert ("checkpoint directory not found" if checkpoint else "no checkpoint configured") in line
+
+
 def test_replicas_without_ray_flag_is_a_usage_error() -> None:
     done = _run_without_ray("serve", "--replicas", "2")
     assert done.returncode == 2
