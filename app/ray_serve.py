@@ -65,9 +65,9 @@ class ReplicaMiddleware:
 
         if scope["method"] == "POST" and scope["path"].startswith(_JOB_ROUTES):
             error = APIError(501, "Training jobs are not run by Ray Serve replicas (one job manager must own the "
-                             "queue): run them on an admin server (`pocketgpt serve` with POCKETGPT_ADMIN_TOKEN) "
-                             "writing to storage every node mounts, then POST /admin/model here to serve the "
-                             "result.", code="jobs_not_available")
+                             "queue): run them on one admin server (`pocketgpt serve` with POCKETGPT_ADMIN_TOKEN, "
+                             "POCKETGPT_RAY_JOBS_ADDRESS and POCKETGPT_RAY_SERVE_ADDRESS; README \"Scaling out\").",
+                             code="jobs_not_available")
             await error.response()(scope, receive, send_tagged)
             return
         await self.app(scope, receive, send_tagged)
@@ -134,6 +134,8 @@ def _apply_user_config(user_config: dict[str, Any], timeout_s: float = SWAP_TIME
     details = client.get_serve_details()
     apps = []
     for name, app in details["applications"].items():
+        if app.get("deployed_app_config") is None:
+            continue  # an application deployed from code (serve.run), not from a config: not ours to rewrite
         config = dict(app["deployed_app_config"])
         if name == APP_NAME:
             config["deployments"] = [
@@ -157,8 +159,7 @@ def _apply_user_config(user_config: dict[str, Any], timeout_s: float = SWAP_TIME
 def replica_info() -> dict[str, Any]:
     """What /info adds on a replica: its Serve replica id, process id and node."""
     ctx = serve.get_replica_context()
-    return {"id": ctx.replica_id.unique_id, "tag": ctx.replica_tag, "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id()}
+    return {"id": ctx.replica_id.unique_id, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 app = PocketGPT.bind()
