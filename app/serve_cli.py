@@ -65,8 +65,8 @@ def serve(argv: list[str]) -> int:
 def _ray_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray Serve", "serve replicas on a Ray cluster (README: Scaling out)")
     group.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                       help="deploy with Ray Serve; ADDRESS of a cluster (ray://host:10001, auto), none: a local "
-                       "Ray instance")
+                       help="deploy with Ray Serve on the cluster at ADDRESS (HEAD:6379, or auto); none: "
+                       "$RAY_ADDRESS, else a cluster `ray start` began on this machine, else a new local instance")
     scale = group.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="replicas follow ongoing requests per replica "
