@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -109,12 +108,14 @@ def run(settings: Settings, address: str, *, replicas: int | None, autoscale: tu
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
-    use_gpus = settings.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1
-    config = serve_config(settings, replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus,
-                          gpus_per_replica=1 if use_gpus else 0)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # From here on SIGTERM unwinds like Ctrl-C does, through the clean-up below, even while deploying.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
+        use_gpus = settings.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1
+        config = serve_config(settings, replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus,
+                              gpus_per_replica=1 if use_gpus else 0)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
         _get_global_client().deploy_apps(ServeDeploySchema(**config))
         problem = _wait_running(serve)
         if problem:
@@ -124,14 +125,17 @@ def run(settings: Settings, address: str, *, replicas: int | None, autoscale: tu
         print(f"pocketgpt: serving {count} replica(s) through Ray Serve at http://{settings.host}:{settings.port}"
               f" ({'one GPU each' if use_gpus else 'CPU'}; Ray cluster {ray.get_runtime_context().gcs_address})",
               file=sys.stderr, flush=True)
-        _wait_for_signal()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
         return 0
     finally:
         # Remove our application (Serve's apps outlive their driver on a cluster that was already running),
         # without waiting on a cluster that may be going down too; a local instance we started stops with us.
-        with contextlib.suppress(Exception):
-            serve.delete(APP_NAME, _blocking=False)
-        ray.shutdown()
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.delete(APP_NAME, _blocking=False)
+            ray.shutdown()
 
 
 def _wait_running(serve: Any, timeout_s: float = DEPLOY_TIMEOUT_S) -> str | None:
@@ -147,9 +151,5 @@ def _wait_running(serve: Any, timeout_s: float = DEPLOY_TIMEOUT_S) -> str | None
     return f"not running after {timeout_s:.0f}s"
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
