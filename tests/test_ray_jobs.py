@@ -7,11 +7,14 @@ tests/test_admin_http.py, its checkpoint root on the local disk both sides see.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,6 +23,7 @@ import pytest
 from pocketgpt.app.testing import running_server
 from tests.admin_helpers import (
     ADMIN,
+    TOKEN,
     corpus_bytes,
     follow_events,
     generate,
@@ -39,7 +43,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 _CLUSTER = textwrap.dedent("""
     import sys, ray
     ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]))
-    print("ready", flush=True)
+    print("ready", ray.get_runtime_context().gcs_address, flush=True)
     sys.stdin.read()  # until the test closes our stdin
     ray.shutdown()
 """)
@@ -53,8 +57,14 @@ def _ray_jobs(address: str, call: str) -> subprocess.CompletedProcess[str]:
                           env=base_env(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token"))
 
 
+@dataclass
+class Cluster:
+    jobs: str  # the job API (dashboard) URL
+    gcs: str  # what `ray.init(address=...)` and `serve --ray ADDRESS` take
+
+
 @pytest.fixture(scope="module")
-def ray_jobs_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     pytest.importorskip("ray.job_submission", reason=NEEDS_RAY)
     # Ray 2.60 starts local instances with token auth; its clients (this test, the admin server's stand-ins, which
     # inherit this environment) send the token from ~/.ray/auth_token once told to.
@@ -76,7 +86,7 @@ def ray_jobs_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             break
         time.sleep(0.5)
     try:
-        yield address
+        yield Cluster(address, log.read_text().split("ready ", 1)[1].split()[0])
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
@@ -87,9 +97,8 @@ def ray_jobs_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         mp.undo()
 
 
-def test_job_runs_on_ray_and_its_checkpoint_is_served(tmp_path: Path, ray_jobs_address: str) -> None:
-    settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "ckpt" / "base"),
-                             ray_jobs_address=ray_jobs_address)
+def test_job_runs_on_ray_and_its_checkpoint_is_served(tmp_path: Path, cluster: Cluster) -> None:
+    settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "ckpt" / "base"), ray_jobs_address=cluster.jobs)
     with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
         ds = upload(client, corpus_bytes())
         job = start_job(client, data=ds["id"], max_steps=10, serve_when_done=True)
@@ -102,13 +111,12 @@ def test_job_runs_on_ray_and_its_checkpoint_is_served(tmp_path: Path, ray_jobs_a
         assert generate(client)["model"] == f"{job['id']}/best"
         log = client.get(f"/admin/jobs/{job['id']}/logs?tail=1000", headers=ADMIN).text
         assert "submitted Ray job" in log and "SUCCEEDED" in log
-    listed = _ray_jobs(ray_jobs_address, "list_jobs()")
+    listed = _ray_jobs(cluster.jobs, "list_jobs()")
     assert f"--out {tmp_path / 'ckpt' / job['id']}" in listed.stdout, listed.stdout + listed.stderr
 
 
-def test_cancel_stops_the_ray_job_after_it_saves_and_resume_continues(tmp_path: Path, ray_jobs_address: str) -> None:
-    settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "ckpt" / "base"),
-                             ray_jobs_address=ray_jobs_address)
+def test_cancel_stops_the_ray_job_after_it_saves_and_resume_continues(tmp_path: Path, cluster: Cluster) -> None:
+    settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "ckpt" / "base"), ray_jobs_address=cluster.jobs)
     with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
         ds = upload(client, corpus_bytes())
         job = start_job(client, data=ds["id"], max_steps=300)
@@ -123,3 +131,59 @@ def test_cancel_stops_the_ray_job_after_it_saves_and_resume_continues(tmp_path: 
         assert running["resumed_from_step"] == cancelled["step"]
         client.post(f"/admin/jobs/{job['id']}/cancel", headers=ADMIN)
         wait_job(client, job["id"], lambda j: j["status"] != "running", timeout=120)
+
+
+def _wait_for(check, what: str, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}:\n{log.read_text(errors='replace')[-4000:]}"
+        time.sleep(0.5)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_job_trained_on_ray_is_served_by_the_ray_serve_replicas(tmp_path: Path, cluster: Cluster) -> None:
+    """The whole path: `serve --ray ADDRESS` joins the cluster; one admin server runs the job as a Ray job and,
+    with serve_when_done, swaps the Serve replicas to its checkpoint."""
+    ckpts = tmp_path / "ckpt"
+    base = make_tiny_checkpoint(ckpts / "base")
+    env = base_env(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token")
+    serve_port, admin_port = free_port(), free_port()
+    serve_log, admin_log = tmp_path / "serve.log", tmp_path / "admin.log"
+    with open(serve_log, "wb") as fh:
+        replicas = subprocess.Popen(
+            [sys.executable, "-m", "pocketgpt.app.cli", "serve", "--ray", cluster.gcs, "--replicas", "1",
+             "--replica-cpus", "0.5", "--checkpoint", str(base), "--port", str(serve_port)],
+            env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    admin = None
+    try:
+        _wait_for(lambda: "through Ray Serve at" in serve_log.read_text(errors="replace"), "serve --ray", serve_log)
+        with open(admin_log, "wb") as fh:
+            admin = subprocess.Popen(
+                [sys.executable, "-m", "pocketgpt.app.cli", "serve", "--port", str(admin_port), "--device", "cpu"],
+                env={**env, "POCKETGPT_ADMIN_TOKEN": TOKEN, "POCKETGPT_CHECKPOINT_DIR": str(ckpts),
+                     "POCKETGPT_DATA_DIR": str(tmp_path / "data"), "POCKETGPT_DB": str(tmp_path / "jobs.db"),
+                     "POCKETGPT_RAY_JOBS_ADDRESS": cluster.jobs, "POCKETGPT_RAY_SERVE_ADDRESS": cluster.gcs},
+                cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+        _wait_for(lambda: _answers(f"http://127.0.0.1:{admin_port}/healthz"), "admin server", admin_log)
+        with httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", timeout=30) as client:
+            job = start_job(client, data=upload(client, corpus_bytes())["id"], max_steps=10, serve_when_done=True)
+            assert follow_events(client, job["id"], timeout=300)[-1][1]["status"] == "succeeded"
+            done = wait_job(client, job["id"], lambda j: j["served_checkpoint"] or j["serve_error"], timeout=300)
+            assert done["served_checkpoint"] == f"{job['id']}/best", done
+        info = httpx.get(f"http://127.0.0.1:{serve_port}/info", timeout=30)
+        assert info.json()["checkpoint"] == str(ckpts / job["id"] / "best") and info.headers["x-pocketgpt-replica"]
+    finally:
+        if admin is not None:
+            admin.terminate()
+            admin.wait(60)
+        replicas.send_signal(signal.SIGTERM)
+        try:
+            replicas.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(replicas.pid, signal.SIGKILL)
