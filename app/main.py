@@ -34,7 +34,7 @@ from pocketgpt.app.routes import admin, chat, generate, health, openai, playgrou
 from pocketgpt.app.settings import Settings
 from pocketgpt.model.checkpoint import CheckpointError
 
-# (checkpoint dir, settings, metrics) -> a started Engine. Tests pass functools.partial(load_engine, step_delay=...).
+# (checkpoint dir, settings, metrics) -> a started Engine. Tests pass partial(load_engine, runner=slowed(...)).
 EngineFactory = Callable[[Path, Settings, Metrics], Engine]
 
 log = logging.getLogger("pocketgpt")

@@ -18,6 +18,8 @@ import uvicorn
 from torch import nn
 
 from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.plan import StepPlan
+from pocketgpt.app.engine.runner import Runner
 from pocketgpt.app.metrics import Metrics
 from pocketgpt.app.settings import Settings
 from pocketgpt.model.checkpoint import Checkpoint
@@ -64,14 +66,31 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the engine a device and dtype to read
         self.register_buffer("script", torch.tensor(script, dtype=torch.long))
 
+    def prepare_inference(self) -> ScriptedModel:
+        return self
+
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, slots: list[int], starts: list[int],
-                       last_only: bool = True) -> torch.Tensor:
-        last = torch.tensor(starts, device=idx.device) + idx.size(1) - 1
+                       last_only: bool = True, lengths: list[int] | None = None) -> torch.Tensor:
+        n = torch.tensor(lengths, device=idx.device) if lengths is not None else idx.size(1)
+        last = torch.tensor(starts, device=idx.device) + n - 1
         nxt = self.script[last % self.script.numel()]
         logits = torch.full((idx.size(0), self.config.vocab_size), -1e4, device=idx.device)
         logits[torch.arange(idx.size(0)), nxt] = 0.0
         return logits
+
+
+def slowed(delay: float) -> type[Runner]:
+    """A Runner test double whose every step takes at least `delay` seconds more: a slower model, so that
+    streams last long enough for a test (or a benchmark) to act on them mid-way."""
+
+    class SlowRunner(Runner):
+        def execute(self, plan: StepPlan) -> list[int]:
+            tokens = super().execute(plan)
+            time.sleep(delay)
+            return tokens
+
+    return SlowRunner
 
 
 def scripted_factory(tokenizer: Tokenizer, script: list[int], block_size: int = 128, **engine_kwargs: Any):

@@ -13,6 +13,7 @@ import httpx
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import slowed
 from tests.conftest import small_corpus
 from tests.sse import iter_events
 
@@ -41,7 +42,7 @@ def make_settings(root: Path, checkpoint: Path | None, **overrides: Any) -> Sett
 
 
 def make_app(settings: Settings, step_delay: float = 0.0):
-    return create_app(settings, engine_factory=functools.partial(load_engine, step_delay=step_delay))
+    return create_app(settings, engine_factory=functools.partial(load_engine, runner=slowed(step_delay)))
 
 
 def upload(client: httpx.Client, data: bytes, filename: str = "corpus.txt") -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 from pocketgpt.app.engine.engine import Engine
 from pocketgpt.app.engine.holder import EngineHolder
 from pocketgpt.app.engine.types import DoneEvent, ErrorEvent, GenRequest, QueueFull, TokenEvent
+from pocketgpt.app.testing import slowed
 from pocketgpt.model.checkpoint import CheckpointError, load_checkpoint
 from pocketgpt.model.generate import generate as model_generate
 from pocketgpt.model.gpt import GPT
@@ -144,7 +145,7 @@ def test_batched_equals_solo(checkpoint: Path, max_running: int) -> None:
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(checkpoint: Path) -> None:
-    eng = make_engine(checkpoint, max_running=4, prefill_chunk=8, step_delay=0.003)
+    eng = make_engine(checkpoint, max_running=4, prefill_chunk=8, runner=slowed(0.003))
     calls: list[tuple[int, int]] = []
     forward = eng.model.forward_cached
 
@@ -176,7 +177,7 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(checkpoint: Pat
 
 
 def test_cancel_frees_the_slot_within_a_step(checkpoint: Path) -> None:
-    eng = make_engine(checkpoint, max_running=2, step_delay=0.02)
+    eng = make_engine(checkpoint, max_running=2, runner=slowed(0.02))
     try:
         async def main() -> None:
             ticket = eng.submit(GenRequest(eng.tokenizer.encode("Hello"), 100, SamplingParams(temperature=0.0)))
@@ -198,7 +199,7 @@ def test_cancel_frees_the_slot_within_a_step(checkpoint: Path) -> None:
 
 
 def test_timeout_fails_the_request_and_frees_the_slot(checkpoint: Path) -> None:
-    eng = make_engine(checkpoint, max_running=1, step_delay=0.02)
+    eng = make_engine(checkpoint, max_running=1, runner=slowed(0.02))
     try:
         out = asyncio.run(run(eng, GenRequest(eng.tokenizer.encode("Hi"), 100, SamplingParams(temperature=0.0),
                                               timeout=0.2)))
@@ -210,7 +211,7 @@ def test_timeout_fails_the_request_and_frees_the_slot(checkpoint: Path) -> None:
 
 
 def test_admission_is_bounded(checkpoint: Path) -> None:
-    eng = make_engine(checkpoint, max_running=1, max_queue=1, step_delay=0.02)
+    eng = make_engine(checkpoint, max_running=1, max_queue=1, runner=slowed(0.02))
     try:
         async def main() -> None:
             req = GenRequest(eng.tokenizer.encode("Hi"), 50, SamplingParams(temperature=0.0))
@@ -245,7 +246,7 @@ def test_holder_swap_under_load(tmp_path: Path) -> None:
     model, requests after a swap see the new one, and the old engine is stopped."""
     path_a = make_tiny_checkpoint(tmp_path / "a", seed=1, tie_embeddings=False)
     path_b = make_tiny_checkpoint(tmp_path / "b", seed=2, tie_embeddings=False)
-    holder = EngineHolder(lambda p: make_engine(p, max_running=4, max_queue=64, step_delay=0.002))
+    holder = EngineHolder(lambda p: make_engine(p, max_running=4, max_queue=64, runner=slowed(0.002)))
     prompts = PROMPTS[:6]
 
     async def ask(text: str) -> tuple[str, Outcome]:

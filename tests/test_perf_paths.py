@@ -202,7 +202,7 @@ def test_engine_with_static_decode_and_batched_prefill_matches_the_plain_engine(
         solo = [_greedy_run(plain, [p], 12)[0] for p in prompts]
         assert _greedy_run(plain, prompts, 12) == solo
         assert _greedy_run(fast, prompts, 12) == solo
-        assert fast._graphs is not None and not fast._graphs.use_graphs
+        assert fast.runner.graphs is not None and not fast.runner.graphs.use_graphs
     finally:
         plain.stop()
         fast.stop()

@@ -25,7 +25,7 @@ import pytest
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import running_server
+from pocketgpt.app.testing import running_server, slowed
 from tests.conftest import make_tiny_checkpoint
 from tests.prom import Scrape, scrape
 from tests.sse import aiter_events
@@ -86,7 +86,7 @@ async def read_stream(client: httpx.AsyncClient, body: dict, stop_after: int | N
 def test_abort_storm_leaves_nothing_behind(checkpoint: Path) -> None:
     settings = Settings(checkpoint=checkpoint, max_running=8, max_queue=64, max_new_tokens=64, prefill_chunk=8,
                         sse_ping=0)
-    factory = functools.partial(load_engine, step_delay=0.002)  # streams last long enough to be cut mid-way
+    factory = functools.partial(load_engine, runner=slowed(0.002))  # streams last long enough to be cut mid-way
     with running_server(create_app(settings, engine_factory=factory)) as base:
         reference = greedy(base, "The quick", 24)
         before = metrics(base)
@@ -147,7 +147,7 @@ def test_overload_sheds_the_excess_quickly_and_serves_the_rest(checkpoint: Path)
     slots, queue, clients = 2, 2, 40
     settings = Settings(checkpoint=checkpoint, max_running=slots, max_queue=queue, max_new_tokens=32,
                         retry_after=2, sse_ping=0)
-    factory = functools.partial(load_engine, step_delay=0.02)  # ~0.5 s per admitted request
+    factory = functools.partial(load_engine, runner=slowed(0.02))  # ~0.5 s per admitted request
     with running_server(create_app(settings, engine_factory=factory)) as base:
         prompts = ["The quick", "To be", "床前明月光", "def add(a, b):"]
         reference = {p: greedy(base, p, 20)["text"] for p in prompts}

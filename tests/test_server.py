@@ -17,7 +17,7 @@ import torch
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
-from pocketgpt.app.testing import running_server
+from pocketgpt.app.testing import running_server, slowed
 from pocketgpt.model.checkpoint import load_checkpoint
 from tests.conftest import make_tiny_checkpoint
 from tests.prom import scrape
@@ -41,7 +41,8 @@ def url(checkpoint: Path):
 def slow_url(checkpoint: Path):
     """One slot, one waiting place, 20 ms per engine step: streams take long enough to watch."""
     settings = Settings(checkpoint=checkpoint, max_running=1, max_queue=1, request_timeout=5)
-    with running_server(create_app(settings, engine_factory=functools.partial(load_engine, step_delay=0.02))) as base:
+    factory = functools.partial(load_engine, runner=slowed(0.02))
+    with running_server(create_app(settings, engine_factory=factory)) as base:
         yield base
 
 
@@ -203,7 +204,7 @@ def test_queue_full_gives_429_with_retry_after(slow_url: str) -> None:
 
 def test_timeout_is_504_or_an_error_event(checkpoint: Path) -> None:
     settings = Settings(checkpoint=checkpoint, max_running=2, request_timeout=0.3)
-    app = create_app(settings, engine_factory=functools.partial(load_engine, step_delay=0.02))
+    app = create_app(settings, engine_factory=functools.partial(load_engine, runner=slowed(0.02)))
     with running_server(app) as base:
         body = {"prompt": "Hi", "max_new_tokens": 100, "temperature": 0}
         r = httpx.post(f"{base}/v1/generate", json=body, timeout=30)

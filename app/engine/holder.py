@@ -93,9 +93,10 @@ class EngineHolder:
             await asyncio.sleep(0.01)
 
     async def _release(self, engine: Engine) -> None:
+        # Forget it before stopping it: once its thread is gone it is no longer among `engines`.
+        self._draining.discard(engine)
         if engine.model is not None:  # close() and a background drain may both get here; stop() is idempotent
             await asyncio.to_thread(engine.stop)
-        self._draining.discard(engine)
         if engine is self.current:
             self.current = None
         gc.collect()

@@ -39,7 +39,7 @@ def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = 
     """Load a checkpoint onto the configured device and start its decode thread.
 
     Raises model.checkpoint.CheckpointError (its message names the file and the problem) when the directory
-    is missing or damaged. `engine_kwargs` override Engine arguments (tests use `step_delay`).
+    is missing or damaged. `engine_kwargs` override Engine arguments (tests pass `runner`, a test double).
     """
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)

@@ -1,7 +1,7 @@
-"""Admission, slots and the waiting queue: the engine's bookkeeping, with no tensors in it.
+"""Admission, slots, the waiting queue and each step's plan: the engine's bookkeeping, with no tensors in it.
 
-Only `reserve`/`release`/`close` are called from other threads (under a lock); everything else belongs to
-the decode thread.
+Only `reserve`/`close` are called from other threads (under a lock); everything else belongs to the decode
+thread. `schedule()` says what the next step does (a `StepPlan`), `commit(plan)` records that it was done.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pocketgpt.app.engine.plan import Chunk, StepPlan, group_waves, prefill_budget
 from pocketgpt.app.engine.stream import TextStream
 from pocketgpt.app.engine.types import EngineClosed, GenRequest, QueueFull, Ticket
 
@@ -44,10 +45,17 @@ class Sequence:
 
 @dataclass
 class Scheduler:
-    """Who waits, who holds which KV slot, and which prompt chunks run this step."""
+    """Who waits, who holds which KV slot, and which prompt chunks run this step.
+
+    `prefill_chunk`, `granule`: the prefill budget rule (see `plan.prefill_budget`); `max_len`: the cache
+    length, which padded prompt batches must fit (see `plan.group_waves`).
+    """
 
     n_slots: int
     max_queue: int
+    prefill_chunk: int = 256
+    granule: int = 16
+    max_len: int = 0
     waiting: deque[Sequence] = field(default_factory=deque)
     running: dict[int, Sequence] = field(default_factory=dict)  # slot -> sequence, in admission order
 
@@ -112,6 +120,23 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def schedule(self) -> StepPlan:
+        """The next step: every decoding row, plus the prompt chunks the budget allows, grouped into batches."""
+        decode = self.decode_rows()
+        budget, granule = prefill_budget(len(decode), self.prefill_chunk, self.granule)
+        chunks = [Chunk(*c) for c in self.prefill_plan(min(budget, self.prefill_chunk), granule)]
+        return StepPlan(decode, group_waves(chunks, self.max_len))
+
+    def commit(self, plan: StepPlan) -> None:
+        """Record a step the runner has executed: decode rows moved on one position, chunks are cached."""
+        for seq in plan.decode:
+            seq.pos += 1
+        for batch in plan.prefill:
+            for chunk in batch.chunks:
+                chunk.seq.prefilled = chunk.end
+                if not chunk.seq.prefilling:
+                    chunk.seq.pos = chunk.end
 
     def prefill_plan(self, budget: int, granule: int | None = None) -> list[tuple[Sequence, int, int]]:
         """Prompt chunks (sequence, start, end) for this step, at most `budget` prompt tokens in all.

@@ -1,0 +1,85 @@
+"""Delivery: sampled tokens in, events on each request's asyncio queue out.
+
+Per token it releases the text that is safe to send (whole UTF-8 characters, no possible stop-string start),
+ends a request on end-of-text, a stop token, a stop string or its length, frees its slot, and counts how it
+finished. Events are collected during a loop turn and handed over in one thread-safe call per event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from pocketgpt.app.engine.scheduler import Scheduler, Sequence
+from pocketgpt.app.engine.types import DoneEvent, ErrorEvent, Event, FinishReason, Ticket, TokenEvent
+
+if TYPE_CHECKING:
+    from pocketgpt.app.metrics import Metrics
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for q, event in items:
+        q.put_nowait(event)
+
+
+class Output:
+    """Turns tokens and failures into events; retires finished sequences from `scheduler`."""
+
+    def __init__(self, scheduler: Scheduler, eot_id: int, metrics: Metrics | None = None) -> None:
+        self.scheduler = scheduler
+        self.eot_id = eot_id
+        self.metrics = metrics
+        self._outbox: list[tuple[Ticket, Event]] = []
+
+    def deliver(self, rows: list[Sequence], tokens: list[int], now: float) -> None:
+        """Hand each row its sampled token."""
+        for seq, token in zip(rows, tokens, strict=True):
+            self._advance(seq, token, now)
+
+    def _advance(self, seq: Sequence, token: int, now: float) -> None:
+        """One token to its request; retire the request on end-of-text, a stop string or its length."""
+        index = seq.generated
+        seq.generated += 1
+        if token == self.eot_id or token in seq.request.stop_ids:  # stop_ids: e.g. a chat template's end
+            text, stop = seq.text.finish()
+            reason: FinishReason | None = "stop_sequence" if stop else "eos"
+        else:
+            text, stop = seq.text.push(token)
+            reason = "stop_sequence" if stop else None
+            if reason is None and seq.generated >= seq.request.max_new_tokens:
+                tail, stop = seq.text.finish()
+                text += tail
+                reason = "stop_sequence" if stop else "length"
+        self._emit(seq, TokenEvent(index, token, text, now))
+        if reason is None:
+            seq.next_token = token
+            return
+        self.scheduler.remove(seq)
+        self.count_finish(reason)
+        self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now))
+
+    def fail(self, seq: Sequence, status: int, message: str, code: str) -> None:
+        """End `seq` with an error event and free its slot."""
+        self.scheduler.remove(seq)
+        self.count_finish(code)
+        self._emit(seq, ErrorEvent(status, message, code))
+
+    def count_finish(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.finished.labels(reason=reason).inc()
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        self._outbox.append((seq.ticket, event))
+
+    def flush(self) -> None:
+        """Deliver this turn's events: one thread-safe call per event loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = defaultdict(list)
+        for ticket, event in self._outbox:
+            by_loop[ticket.loop].append((ticket.queue, event))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            # A closed event loop raises RuntimeError: nobody is listening there any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)

@@ -1,0 +1,111 @@
+"""The runner: the only part of the engine that touches tensors.
+
+It owns the model, the slot KV cache, the CUDA-graph decoder, the per-slot penalty state and the
+token-healing masks, and it is the one place that decides what the model and device support. `execute(plan)`
+runs a `StepPlan` (one batched decode over the decoding rows, then the planned prompt batches) and samples
+every row that gets a token, each with its own parameters and generator, in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pocketgpt.app.engine.graphs import GraphDecoder
+from pocketgpt.app.engine.plan import PrefillBatch, StepPlan
+from pocketgpt.app.engine.scheduler import Sequence
+from pocketgpt.model.kv_cache import KVCache
+from pocketgpt.model.sampling import sample
+from pocketgpt.model.tokenizer import Tokenizer
+
+
+class Runner:
+    """Model + KV cache + sampling state for `n_slots` concurrent sequences."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, n_slots: int,
+                 decode_graphs: bool | None = None) -> None:
+        self.model = model.prepare_inference()  # the flat fast path (and [in, out] weights on CPU)
+        self.tokenizer = tokenizer
+        self.config = model.config
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = KVCache.for_model(self.model, n_slots=n_slots)
+        # Decode steps from CUDA graphs on a GPU (default); on a CPU the same static step runs eagerly when asked
+        # for (tests), though the dynamic path is faster there.
+        if decode_graphs is None:
+            decode_graphs = self.device.type == "cuda"
+        self.graphs = GraphDecoder(self.model, self.cache) if decode_graphs else None
+        self._text_vocab = tokenizer.vocab_size  # ids beyond it (a padded embedding) are never sampled
+        vocab = self.config.vocab_size
+        # Penalty state per slot, kept on the device; only rows of penalized requests are kept up to date.
+        self._counts = torch.zeros(n_slots, vocab, dtype=torch.int32, device=self.device)
+        self._prompt_mask = torch.zeros(n_slots, vocab, dtype=torch.bool, device=self.device)
+        self._heal_masks: dict[bytes, torch.Tensor] = {}  # token-healing prefix -> allowed first tokens
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def admit(self, seq: Sequence) -> None:
+        """Reset a newly placed sequence's per-slot state (penalty counts and prompt mask)."""
+        req = seq.request
+        if req.params.penalized:
+            self._counts[seq.slot].zero_()
+            self._prompt_mask[seq.slot].zero_()
+            self._prompt_mask[seq.slot, torch.tensor(req.prompt_ids, device=self.device)] = True
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Run `plan`; return the sampled token of each of `plan.rows`, in order (empty if none completes)."""
+        parts = [self._decode(plan.decode)] if plan.decode else []
+        for batch in plan.prefill:
+            logits = self._prefill(batch)
+            parts.extend(logits[i : i + 1] for i, c in enumerate(batch.chunks)
+                         if c.end == len(c.seq.request.prompt_ids))
+        if not parts:
+            return []  # only partial prompt chunks ran this step
+        return self._sample(plan.rows, torch.cat(parts) if len(parts) > 1 else parts[0])
+
+    def _decode(self, rows: list[Sequence]) -> torch.Tensor:
+        slots, positions = [s.slot for s in rows], [s.pos for s in rows]
+        if self.graphs is not None:
+            return self.graphs.step(slots, [s.next_token for s in rows], positions)
+        idx = torch.tensor([[s.next_token] for s in rows], device=self.device)
+        return self.model.forward_cached(idx, self.cache, slots, positions)
+
+    def _prefill(self, batch: PrefillBatch) -> torch.Tensor:
+        """Last-token logits of each chunk in `batch` (rows shorter than the batch are padded at the end)."""
+        width, lengths = batch.width, batch.lengths
+        idx = torch.tensor([c.seq.request.prompt_ids[c.start : c.end] + [0] * (width - c.size)
+                            for c in batch.chunks], device=self.device)
+        return self.model.forward_cached(
+            idx, self.cache, [c.seq.slot for c in batch.chunks], [batch.start] * len(batch.chunks),
+            **({"lengths": lengths} if min(lengths) < width else {}))
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+        if self._text_vocab < logits.size(1):
+            logits[:, self._text_vocab :] = float("-inf")
+        for i, seq in enumerate(rows):
+            if seq.generated == 0 and seq.request.heal:
+                logits[i].masked_fill_(~self._heal_mask(seq.request.heal), float("-inf"))
+        params = [s.request.params for s in rows]
+        penalized = any(p.penalized for p in params)
+        counts = mask = slots = None
+        if penalized:
+            slots = torch.tensor([s.slot for s in rows], device=self.device)
+            counts, mask = self._counts[slots], self._prompt_mask[slots]
+        tokens = sample(logits, params, [s.generator for s in rows], counts, mask)
+        if penalized:
+            self._counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        return tokens.tolist()  # the one host sync of the step
+
+    def _heal_mask(self, prefix: bytes) -> torch.Tensor:
+        """Boolean (vocab,) mask of the tokens that may follow a healed prompt; built once per prefix."""
+        mask = self._heal_masks.get(prefix)
+        if mask is None:
+            mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
+            mask[torch.tensor(self.tokenizer.ids_with_prefix(prefix), dtype=torch.long, device=self.device)] = True
+            self._heal_masks[prefix] = mask
+        return mask
