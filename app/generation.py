@@ -56,6 +56,7 @@ class GenerationResult:
     seed: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     ttft_ms: float | None
     total_ms: float
     tokens_per_s: float
@@ -66,6 +67,10 @@ class GenerationResult:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+    def openai_usage(self) -> dict[str, Any]:
+        """`usage` as the OpenAI API reports it, with the prompt tokens served by the prefix cache."""
+        return {**self.usage(), "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def timings(self) -> dict[str, float | None]:
         ttft = None if self.ttft_ms is None else round(self.ttft_ms, 3)
@@ -198,7 +203,7 @@ class Generation:
         self.result = GenerationResult(
             id=self.id, model=self.model, text="".join(self._parts), finish_reason=event.finish_reason,
             stop_sequence=event.stop_sequence, seed=self.spec.seed, prompt_tokens=event.prompt_tokens,
-            completion_tokens=event.completion_tokens,
+            completion_tokens=event.completion_tokens, cached_tokens=event.cached_tokens,
             ttft_ms=None if self._first is None else (self._first - self.started) * 1000,
             total_ms=total * 1000, tokens_per_s=event.completion_tokens / total,
         )

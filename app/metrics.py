@@ -57,6 +57,15 @@ class Metrics:
         self.waiting = Gauge("pocketgpt_requests_waiting", "Requests admitted and waiting for a slot", registry=r)
         self.kv_slots = Gauge("pocketgpt_kv_slots_in_use", "KV-cache slots in use", registry=r)
         self.kv_slots_total = Gauge("pocketgpt_kv_slots_total", "KV-cache slots of the current model", registry=r)
+        self.prefix_hit_tokens = Counter(
+            "pocketgpt_prefix_cache_hit_tokens", "Prompt tokens whose keys came from the prefix cache", registry=r
+        )
+        self.prefix_query_tokens = Counter(
+            "pocketgpt_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_usage = Gauge(
+            "pocketgpt_prefix_cache_usage_ratio", "Fraction of the prefix cache's blocks in use", registry=r
+        )
         self.model_loaded = Gauge("pocketgpt_model_loaded", "1 when a model is serving", registry=r)
 
     def bind(self, holder: EngineHolder) -> None:
@@ -66,6 +75,7 @@ class Metrics:
         self.kv_slots.set_function(lambda: sum(e.running for e in holder.engines))
         self.kv_slots_total.set_function(lambda: holder.current.max_running if holder.current else 0)
         self.model_loaded.set_function(lambda: 1 if holder.current is not None else 0)
+        self.prefix_usage.set_function(lambda: holder.current.prefix_cache_usage if holder.current else 0.0)
 
     def render(self) -> bytes:
         """The exposition text for GET /metrics."""

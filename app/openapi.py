@@ -48,6 +48,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class OpenAIUsage(Usage):
+    """OpenAI's usage: `prompt_tokens_details.cached_tokens` counts prompt tokens served by the prefix cache."""
+
+    prompt_tokens_details: PromptTokensDetails
+
+
 class Timings(BaseModel):
     ttft_ms: float | None
     total_ms: float
@@ -80,7 +90,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage
+    usage: OpenAIUsage
 
 
 class ChatMessageOut(BaseModel):
@@ -101,7 +111,7 @@ class ChatCompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: OpenAIUsage
 
 
 class ModelCard(BaseModel):
@@ -133,6 +143,7 @@ class Info(BaseModel):
     parameters: int | None
     device: str
     dtype: str
+    prefix_cache_tokens: int = 0
     meta: dict[str, Any]
     limits: dict[str, Any]
 
@@ -225,7 +236,7 @@ class CompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
+    usage: OpenAIUsage | None = None
 
 
 class ChatDelta(BaseModel):
@@ -246,7 +257,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+    usage: OpenAIUsage | None = None
 
 
 _MODELS: list[type[BaseModel]] = [

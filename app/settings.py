@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit (413 beyond)")
     request_timeout: float = Field(300.0, gt=0, description="seconds from admission to the last token")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    prefix_cache_slots: float = Field(2.0, ge=0, description="room for shared prompt prefixes' keys and values, "
+                                      "in KV slots' worth of tokens (each a full context); 0 turns it off")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
     sse_ping: float = Field(15.0, ge=0, description="seconds between SSE keep-alive comments (0: off)")
 

@@ -23,10 +23,22 @@ def admitted(sched: Scheduler, *seqs: Sequence) -> list[Sequence]:
 
 
 def test_budget_rule() -> None:
-    assert prefill_budget(0, 256, 16) == (256, 16)  # nothing decodes: the whole chunk
-    assert prefill_budget(4, 256, 16) == (16, 16)  # at least one granule
-    assert prefill_budget(64, 256, 16) == (32, 16)  # one prompt token per two decoding rows
-    assert prefill_budget(1024, 256, 16) == (256, 16)  # never more than prefill_chunk
+    assert prefill_budget(0, 256, 16, 1024) == (1024, 1024)  # nothing decodes: big chunks on a coarse grid
+    assert prefill_budget(4, 256, 16, 1024) == (16, 16)  # at least one granule
+    assert prefill_budget(64, 256, 16, 1024) == (32, 16)  # one prompt token per two decoding rows
+    assert prefill_budget(1024, 256, 16, 1024) == (256, 16)  # never more than prefill_chunk
+
+
+def test_a_lone_prompt_goes_in_one_chunk_then_granules_once_others_decode() -> None:
+    sched = Scheduler(4, 4, prefill_chunk=64, granule=16, max_len=2048, lone_chunk=2048)
+    a = admitted(sched, seq(1000))[0]
+    plan = sched.schedule()
+    assert [x.chunks for x in plan.prefill] == [(Chunk(a, 0, 1000),)] and plan.rows == [a]
+    sched.commit(plan)
+    a.next_token = 5
+    b = admitted(sched, seq(100))[0]
+    plan = sched.schedule()  # a decodes now: b goes 16 tokens at a time
+    assert plan.decode == [a] and [x.chunks for x in plan.prefill] == [(Chunk(b, 0, 16),)]
 
 
 def test_waves_keep_a_prompts_chunks_in_order_and_batch_equal_starts() -> None:
@@ -43,12 +55,12 @@ def test_waves_keep_a_prompts_chunks_in_order_and_batch_equal_starts() -> None:
 
 
 def test_schedule_and_commit_walk_a_prompt_into_decoding() -> None:
-    sched = Scheduler(4, 4, prefill_chunk=8, granule=4, max_len=64)
+    sched = Scheduler(4, 4, prefill_chunk=8, granule=4, max_len=64, lone_chunk=8)
     a, b = admitted(sched, seq(10), seq(3))
     plan = sched.schedule()
-    # Nothing decodes: 8 tokens, cut on the 4-grid; b's 3 tokens do not fit after a's first two chunks.
+    # Nothing decodes: one 8-token chunk on the 8-grid; b's 3 tokens do not fit after it.
     assert plan.decode == [] and plan.prefill_tokens == 8
-    assert [x.chunks for x in plan.prefill] == [(Chunk(a, 0, 4),), (Chunk(a, 4, 8),)]
+    assert [x.chunks for x in plan.prefill] == [(Chunk(a, 0, 8),)]
     assert plan.rows == []
     sched.commit(plan)
     assert (a.prefilled, a.pos) == (8, 0)
@@ -61,6 +73,6 @@ def test_schedule_and_commit_walk_a_prompt_into_decoding() -> None:
     c = admitted(sched, seq(30))[0]
     plan = sched.schedule()
     assert plan.decode == [a, b]
-    assert [x.chunks for x in plan.prefill] == [(Chunk(c, 0, 4),)]  # two decoding rows: one granule
+    assert [x.chunks for x in plan.prefill] == [(Chunk(c, 0, 4),)]  # two decoding rows: one 4-granule
     sched.commit(plan)
     assert (a.pos, b.pos, c.prefilled) == (11, 4, 4)

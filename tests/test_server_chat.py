@@ -111,4 +111,4 @@ def test_end_marker_stops_generation(chat_checkpoint: Path) -> None:
         assert r["choices"][0]["message"]["content"] == "red fox"
         assert r["choices"][0]["finish_reason"] == "stop"
         assert r["usage"] == {"prompt_tokens": n, "completion_tokens": len(answer) + 1,
-                              "total_tokens": n + len(answer) + 1}
+                              "total_tokens": n + len(answer) + 1, "prompt_tokens_details": {"cached_tokens": 0}}

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pocketgpt.app.engine.output import Output
+from pocketgpt.app.engine.prefix_cache import PrefixIndex
 from pocketgpt.app.engine.runner import Runner
 from pocketgpt.app.engine.scheduler import Scheduler, Sequence
 from pocketgpt.app.engine.stream import TextStream
@@ -46,12 +47,18 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         prefill_granule: int | None = None,
+        lone_prefill_chunk: int | None = None,
+        prefix_cache_slots: float = 0.0,
+        prefix_block: int = 16,
         decode_graphs: bool | None = None,
         name: str | None = None,
         metrics: Metrics | None = None,
         runner: RunnerFactory = Runner,
     ) -> None:
-        self.runner = runner(checkpoint.model, checkpoint.tokenizer, max_running, decode_graphs=decode_graphs)
+        # The prefix cache's pool, sized in slots' worth of tokens: it shares the slots' memory budget.
+        prefix_blocks = int(prefix_cache_slots * checkpoint.config.block_size) // prefix_block
+        self.runner = runner(checkpoint.model, checkpoint.tokenizer, max_running, decode_graphs=decode_graphs,
+                             prefix_blocks=prefix_blocks, prefix_block=prefix_block)
         self.tokenizer = checkpoint.tokenizer
         self.config = checkpoint.config
         self.meta = checkpoint.meta
@@ -65,9 +72,13 @@ class Engine:
         if prefill_granule is None:
             prefill_granule = prefill_chunk if self.device.type == "cuda" else 16
         self.prefill_granule = max(1, min(prefill_granule, prefill_chunk))
+        # With nothing decoding, a prompt goes in chunks this large (default: whole, up to the context).
+        self.lone_prefill_chunk = max(1, lone_prefill_chunk or self.context_length)
         self.metrics = metrics
         self.eot_id = self.tokenizer.eot_id
-        self.scheduler = Scheduler(max_running, max_queue, prefill_chunk, self.prefill_granule, self.runner.max_len)
+        prefix = PrefixIndex(prefix_blocks, prefix_block) if prefix_blocks > 0 else None
+        self.scheduler = Scheduler(max_running, max_queue, prefill_chunk, self.prefill_granule, self.runner.max_len,
+                                   self.lone_prefill_chunk, prefix)
         self.output = Output(self.scheduler, self.eot_id, metrics)
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._stopping = False
@@ -146,6 +157,8 @@ class Engine:
             "parameters": self.runner.n_params() if self.runner is not None else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "prefix_cache_tokens": self.scheduler.prefix.n_blocks * self.scheduler.prefix.block
+            if self.scheduler.prefix is not None else 0,
             "meta": {k: v for k, v in self.meta.items() if k in ("step", "tokens_seen", "created", "val_loss")},
         }
 
@@ -163,6 +176,7 @@ class Engine:
                         self._step()
                     except Exception as exc:  # a failed step must not kill the thread: fail the batch
                         log.exception("engine step failed")
+                        self.scheduler.reset_prefix()  # blocks planned in the failed step may be unwritten
                         for seq in list(self.scheduler.running.values()):
                             self.output.fail(seq, 500, f"generation failed: {exc}", "engine_error")
                 self.output.flush()
@@ -212,6 +226,15 @@ class Engine:
     def _admit(self) -> None:
         for seq in self.scheduler.admit():
             self.runner.admit(seq)
+            if self.metrics is not None and self.scheduler.prefix is not None:
+                self.metrics.prefix_query_tokens.inc(len(seq.request.prompt_ids))
+                self.metrics.prefix_hit_tokens.inc(seq.cached)
+
+    @property
+    def prefix_cache_usage(self) -> float:
+        """Fraction of the prefix cache's blocks in use (0 without a prefix cache)."""
+        prefix = self.scheduler.prefix
+        return prefix.used / prefix.n_blocks if prefix is not None else 0.0
 
     def _step(self) -> None:
         """One batched step: plan it, run it, hand the sampled tokens to their requests."""

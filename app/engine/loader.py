@@ -48,6 +48,7 @@ def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = 
         "max_running": settings.max_running,
         "max_queue": settings.max_queue,
         "prefill_chunk": settings.prefill_chunk,
+        "prefix_cache_slots": settings.prefix_cache_slots,
         "name": settings.model_name,
         "metrics": metrics,
         **engine_kwargs,

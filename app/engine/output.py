@@ -58,7 +58,7 @@ class Output:
             return
         self.scheduler.remove(seq)
         self.count_finish(reason)
-        self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now))
+        self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached))
 
     def fail(self, seq: Sequence, status: int, message: str, code: str) -> None:
         """End `seq` with an error event and free its slot."""

@@ -47,10 +47,17 @@ class PrefillBatch:
 
 @dataclass
 class StepPlan:
-    """One step: decode `decode`, run `prefill` in order; `rows` are the sequences sampled afterwards."""
+    """One step: copy `loads` in, decode `decode`, run `prefill` in order, copy `saves` out; `rows` are the
+    sequences sampled afterwards.
+
+    `loads`: (sequence, prefix-cache blocks to copy into its slot from position 0), before anything runs.
+    `saves`: (sequence, [(pool block, start position)]) to copy out of its slot once its prompt is prefilled.
+    """
 
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[PrefillBatch] = field(default_factory=list)
+    loads: list[tuple[Sequence, list[int]]] = field(default_factory=list)
+    saves: list[tuple[Sequence, list[tuple[int, int]]]] = field(default_factory=list)
 
     @property
     def completing(self) -> list[Sequence]:
@@ -67,16 +74,18 @@ class StepPlan:
         return sum(c.size for b in self.prefill for c in b.chunks)
 
 
-def prefill_budget(decoding: int, prefill_chunk: int, granule: int) -> tuple[int, int]:
+def prefill_budget(decoding: int, prefill_chunk: int, granule: int, lone_chunk: int) -> tuple[int, int]:
     """(token budget, chunk granule) for a step with `decoding` rows: the interference rule.
 
-    With nothing decoding a step takes up to `prefill_chunk` prompt tokens (fast time to first token). While
-    requests decode it takes about one prompt token per two decoding rows (at least one `granule`), so a
-    long prompt never stalls running streams: on a CPU, where a prompt token costs about what a decode row
-    does, their inter-token latency rises by well under 2x while it is prefilled.
+    With nothing decoding nobody waits on the step, so prompts go in chunks of up to `lone_chunk` tokens on
+    a grid of that size: on a CPU one forward over a long prompt costs far less than many small ones, and
+    time to first token is then about one forward of the prompt. While requests decode a step takes about
+    one prompt token per two decoding rows (at least one `granule`, at most `prefill_chunk`), cut on the
+    `granule` grid, so a long prompt never stalls running streams: on a CPU, where a prompt token costs about
+    what a decode row does, their inter-token latency rises by well under 2x while it is prefilled.
     """
     if decoding == 0:
-        return prefill_chunk, granule
+        return lone_chunk, lone_chunk
     return min(prefill_chunk, max(granule, decoding // 2 // granule * granule)), granule
 
 

@@ -1,8 +1,9 @@
 """The runner: the only part of the engine that touches tensors.
 
-It owns the model, the slot KV cache, the CUDA-graph decoder, the per-slot penalty state and the
-token-healing masks, and it is the one place that decides what the model and device support. `execute(plan)`
-runs a `StepPlan` (one batched decode over the decoding rows, then the planned prompt batches) and samples
+It owns the model, the slot KV cache, the prefix-cache block pool, the CUDA-graph decoder, the per-slot
+penalty state and the token-healing masks, and it is the one place that decides what the model and device
+support. `execute(plan)` runs a `StepPlan` (cached prefix blocks copied in, one batched decode over the
+decoding rows, the planned prompt batches, newly prefilled prompt blocks copied out to the pool) and samples
 every row that gets a token, each with its own parameters and generator, in one call.
 """
 
@@ -12,6 +13,7 @@ import torch
 
 from pocketgpt.app.engine.graphs import GraphDecoder
 from pocketgpt.app.engine.plan import PrefillBatch, StepPlan
+from pocketgpt.app.engine.prefix_cache import BlockPool
 from pocketgpt.app.engine.scheduler import Sequence
 from pocketgpt.model.kv_cache import KVCache
 from pocketgpt.model.sampling import sample
@@ -22,7 +24,7 @@ class Runner:
     """Model + KV cache + sampling state for `n_slots` concurrent sequences."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, n_slots: int,
-                 decode_graphs: bool | None = None) -> None:
+                 decode_graphs: bool | None = None, prefix_blocks: int = 0, prefix_block: int = 16) -> None:
         self.model = model.prepare_inference()  # the flat fast path (and [in, out] weights on CPU)
         self.tokenizer = tokenizer
         self.config = model.config
@@ -34,6 +36,7 @@ class Runner:
         if decode_graphs is None:
             decode_graphs = self.device.type == "cuda"
         self.graphs = GraphDecoder(self.model, self.cache) if decode_graphs else None
+        self.pool = BlockPool(self.cache, prefix_blocks, prefix_block) if prefix_blocks > 0 else None
         self._text_vocab = tokenizer.vocab_size  # ids beyond it (a padded embedding) are never sampled
         vocab = self.config.vocab_size
         # Penalty state per slot, kept on the device; only rows of penalized requests are kept up to date.
@@ -59,11 +62,15 @@ class Runner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
         """Run `plan`; return the sampled token of each of `plan.rows`, in order (empty if none completes)."""
+        for seq, blocks in plan.loads:
+            self.pool.load(seq.slot, blocks)
         parts = [self._decode(plan.decode)] if plan.decode else []
         for batch in plan.prefill:
             logits = self._prefill(batch)
             parts.extend(logits[i : i + 1] for i, c in enumerate(batch.chunks)
                          if c.end == len(c.seq.request.prompt_ids))
+        for seq, blocks in plan.saves:
+            self.pool.save(seq.slot, blocks)
         if not parts:
             return []  # only partial prompt chunks ran this step
         return self._sample(plan.rows, torch.cat(parts) if len(parts) > 1 else parts[0])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pocketgpt.app.engine.plan import Chunk, StepPlan, group_waves, prefill_budget
+from pocketgpt.app.engine.prefix_cache import PrefixIndex
 from pocketgpt.app.engine.stream import TextStream
 from pocketgpt.app.engine.types import EngineClosed, GenRequest, QueueFull, Ticket
 
@@ -29,6 +30,7 @@ class Sequence:
     deadline: float | None
     slot: int = -1  # -1 while waiting
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of which taken from the prefix cache
     pos: int = 0  # tokens in the cache once prefill is done
     generated: int = 0  # tokens sampled so far (an end-of-text token included)
     next_token: int | None = None  # sampled but not yet fed back through the model
@@ -47,8 +49,9 @@ class Sequence:
 class Scheduler:
     """Who waits, who holds which KV slot, and which prompt chunks run this step.
 
-    `prefill_chunk`, `granule`: the prefill budget rule (see `plan.prefill_budget`); `max_len`: the cache
-    length, which padded prompt batches must fit (see `plan.group_waves`).
+    `prefill_chunk`, `granule`, `lone_chunk`: the prefill budget rule (see `plan.prefill_budget`);
+    `max_len`: the cache length, which padded prompt batches must fit (see `plan.group_waves`). `prefix`:
+    the prefix-cache index (None: no prefix cache).
     """
 
     n_slots: int
@@ -56,6 +59,8 @@ class Scheduler:
     prefill_chunk: int = 256
     granule: int = 16
     max_len: int = 0
+    lone_chunk: int = 256
+    prefix: PrefixIndex | None = None
     waiting: deque[Sequence] = field(default_factory=deque)
     running: dict[int, Sequence] = field(default_factory=dict)  # slot -> sequence, in admission order
 
@@ -64,6 +69,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._outstanding = 0  # admitted and not yet finished: waiting (incl. in transit) + running
         self._open = True
+        self._loads: list[tuple[Sequence, list[int]]] = []  # prefix-cache hits admitted, not yet copied
 
     # -- admission (any thread) ------------------------------------------------------------------
     @property
@@ -98,7 +104,17 @@ class Scheduler:
             seq.slot = heapq.heappop(self._free)
             self.running[seq.slot] = seq
             placed.append(seq)
+            if self.prefix is not None:
+                blocks = self.prefix.match(seq.request.prompt_ids)
+                if blocks:
+                    seq.prefilled = seq.cached = len(blocks) * self.prefix.block
+                    self._loads.append((seq, blocks))
         return placed
+
+    def reset_prefix(self) -> None:
+        """Forget every cached prefix (after a failed step, whose planned blocks may not have been written)."""
+        if self.prefix is not None:
+            self.prefix = PrefixIndex(self.prefix.n_blocks, self.prefix.block)
 
     def remove(self, seq: Sequence) -> None:
         """Forget a finished, cancelled or failed sequence and free its slot at once."""
@@ -124,9 +140,14 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """The next step: every decoding row, plus the prompt chunks the budget allows, grouped into batches."""
         decode = self.decode_rows()
-        budget, granule = prefill_budget(len(decode), self.prefill_chunk, self.granule)
-        chunks = [Chunk(*c) for c in self.prefill_plan(min(budget, self.prefill_chunk), granule)]
-        return StepPlan(decode, group_waves(chunks, self.max_len))
+        budget, granule = prefill_budget(len(decode), self.prefill_chunk, self.granule, self.lone_chunk)
+        chunks = [Chunk(*c) for c in self.prefill_plan(budget, granule)]
+        plan = StepPlan(decode, group_waves(chunks, self.max_len))
+        plan.loads = [(s, blocks) for s, blocks in self._loads if s.slot >= 0]
+        self._loads.clear()
+        if self.prefix is not None:  # prompts complete after this step: cache their blocks
+            plan.saves = [(s, new) for s in plan.completing if (new := self.prefix.insert(s.request.prompt_ids))]
+        return plan
 
     def commit(self, plan: StepPlan) -> None:
         """Record a step the runner has executed: decode rows moved on one position, chunks are cached."""

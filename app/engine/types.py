@@ -54,6 +54,7 @@ class DoneEvent:
     prompt_tokens: int
     completion_tokens: int
     t: float
+    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -80,5 +80,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         **_head(generation, int(time.time()), chunk=False),
         "choices": [{"index": 0, "message": message, "logprobs": None,
                      "finish_reason": openai_finish_reason(result.finish_reason)}],
-        "usage": result.usage(),
+        "usage": result.openai_usage(),
     })

@@ -64,7 +64,7 @@ async def openai_chunks(
         result = generation.final()
         yield chunk(finish(openai_finish_reason(result.finish_reason)))
         if include_usage:
-            yield ServerSentEvent(dumps({**head, "choices": [], "usage": result.usage()}))
+            yield ServerSentEvent(dumps({**head, "choices": [], "usage": result.openai_usage()}))
     except APIError as exc:
         yield ServerSentEvent(dumps(exc.body()))
     yield ServerSentEvent("[DONE]")
@@ -89,7 +89,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: AppContext
     return JSONResponse({
         **_head(generation, int(time.time())),
         "choices": [_choice(result.text, openai_finish_reason(result.finish_reason))],
-        "usage": result.usage(),
+        "usage": result.openai_usage(),
     })
 
 
