@@ -66,6 +66,12 @@ class Metrics:
         self.prefix_usage = Gauge(
             "pocketgpt_prefix_cache_usage_ratio", "Fraction of the prefix cache's blocks in use", registry=r
         )
+        self.spec_draft_tokens = Counter(
+            "pocketgpt_spec_draft_tokens", "Speculative draft tokens verified", registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "pocketgpt_spec_accepted_tokens", "Speculative draft tokens accepted", registry=r
+        )
         self.model_loaded = Gauge("pocketgpt_model_loaded", "1 when a model is serving", registry=r)
 
     def bind(self, holder: EngineHolder) -> None:

@@ -85,7 +85,7 @@ def slowed(delay: float) -> type[Runner]:
     streams last long enough for a test (or a benchmark) to act on them mid-way."""
 
     class SlowRunner(Runner):
-        def execute(self, plan: StepPlan) -> list[int]:
+        def execute(self, plan: StepPlan) -> list[list[int]]:
             tokens = super().execute(plan)
             time.sleep(delay)
             return tokens

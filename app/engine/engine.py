@@ -18,9 +18,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pocketgpt.app.engine.output import Output
+from pocketgpt.app.engine.plan import StepPlan
 from pocketgpt.app.engine.prefix_cache import PrefixIndex
 from pocketgpt.app.engine.runner import Runner
 from pocketgpt.app.engine.scheduler import Scheduler, Sequence
+from pocketgpt.app.engine.speculate import NgramDrafter
 from pocketgpt.app.engine.stream import TextStream
 from pocketgpt.app.engine.types import EngineClosed, GenRequest, Ticket
 from pocketgpt.model.checkpoint import Checkpoint
@@ -50,6 +52,7 @@ class Engine:
         lone_prefill_chunk: int | None = None,
         prefix_cache_slots: float = 0.0,
         prefix_block: int = 16,
+        spec_tokens: int = 0,
         decode_graphs: bool | None = None,
         name: str | None = None,
         metrics: Metrics | None = None,
@@ -74,6 +77,7 @@ class Engine:
         self.prefill_granule = max(1, min(prefill_granule, prefill_chunk))
         # With nothing decoding, a prompt goes in chunks this large (default: whole, up to the context).
         self.lone_prefill_chunk = max(1, lone_prefill_chunk or self.context_length)
+        self.spec_tokens = spec_tokens  # n-gram speculative decoding: longest draft (0: off)
         self.metrics = metrics
         self.eot_id = self.tokenizer.eot_id
         prefix = PrefixIndex(prefix_blocks, prefix_block) if prefix_blocks > 0 else None
@@ -203,13 +207,18 @@ class Engine:
             if item[0] == "submit":
                 _, ticket, submitted = item
                 req = ticket.request
-                self.scheduler.add(Sequence(
+                seq = Sequence(
                     ticket=ticket,
                     text=TextStream(self.tokenizer, req.stop, skip=req.heal),
                     generator=make_generator(req.seed),
                     deadline=submitted + req.timeout if req.timeout else None,
                     submitted=submitted,
-                ))
+                )
+                # Drafts are verified greedily: only requests whose sampler is argmax may draft.
+                if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized:
+                    seq.history = list(req.prompt_ids)
+                    seq.drafter = NgramDrafter(seq.history, self.spec_tokens)
+                self.scheduler.add(seq)
             elif item[0] == "cancel":
                 seq = self.scheduler.find(item[1])
                 if seq is not None:
@@ -240,10 +249,24 @@ class Engine:
         """One batched step: plan it, run it, hand the sampled tokens to their requests."""
         plan = self.scheduler.schedule()
         tokens = self.runner.execute(plan)
-        self.scheduler.commit(plan)
+        self.scheduler.commit(plan, tokens)
         if not tokens:
             return  # only partial prompt chunks ran this step
         self.steps += 1
+        if plan.drafts:
+            self._count_drafts(plan, tokens)
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(tokens))
         self.output.deliver(plan.rows, tokens, time.perf_counter())
+
+    def _count_drafts(self, plan: StepPlan, tokens: list[list[int]]) -> None:
+        drafted = accepted = 0
+        for seq, row in zip(plan.decode, tokens, strict=False):  # decode rows come first
+            draft = plan.drafts.get(seq)
+            if draft:
+                seq.drafter.adapt(len(draft), len(row) - 1)
+                drafted += len(draft)
+                accepted += len(row) - 1
+        if self.metrics is not None:
+            self.metrics.spec_draft_tokens.inc(drafted)
+            self.metrics.spec_accepted_tokens.inc(accepted)

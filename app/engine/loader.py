@@ -49,6 +49,7 @@ def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = 
         "max_queue": settings.max_queue,
         "prefill_chunk": settings.prefill_chunk,
         "prefix_cache_slots": settings.prefix_cache_slots,
+        "spec_tokens": settings.speculative_tokens,
         "name": settings.model_name,
         "metrics": metrics,
         **engine_kwargs,

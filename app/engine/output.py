@@ -33,15 +33,20 @@ class Output:
         self.metrics = metrics
         self._outbox: list[tuple[Ticket, Event]] = []
 
-    def deliver(self, rows: list[Sequence], tokens: list[int], now: float) -> None:
-        """Hand each row its sampled token."""
-        for seq, token in zip(rows, tokens, strict=True):
-            self._advance(seq, token, now)
+    def deliver(self, rows: list[Sequence], tokens: list[list[int]], now: float) -> None:
+        """Hand each row its tokens (one, or several from a verified draft), up to where its request ends."""
+        for seq, row in zip(rows, tokens, strict=True):
+            for token in row:
+                if self._advance(seq, token, now):
+                    break
 
-    def _advance(self, seq: Sequence, token: int, now: float) -> None:
-        """One token to its request; retire the request on end-of-text, a stop string or its length."""
+    def _advance(self, seq: Sequence, token: int, now: float) -> bool:
+        """One token to its request; retire the request on end-of-text, a stop string or its length.
+        Returns whether the request is finished."""
         index = seq.generated
         seq.generated += 1
+        if seq.drafter is not None:
+            seq.history.append(token)
         if token == self.eot_id or token in seq.request.stop_ids:  # stop_ids: e.g. a chat template's end
             text, stop = seq.text.finish()
             reason: FinishReason | None = "stop_sequence" if stop else "eos"
@@ -55,10 +60,11 @@ class Output:
         self._emit(seq, TokenEvent(index, token, text, now))
         if reason is None:
             seq.next_token = token
-            return
+            return False
         self.scheduler.remove(seq)
         self.count_finish(reason)
         self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached))
+        return True
 
     def fail(self, seq: Sequence, status: int, message: str, code: str) -> None:
         """End `seq` with an error event and free its slot."""

@@ -52,12 +52,14 @@ class StepPlan:
 
     `loads`: (sequence, prefix-cache blocks to copy into its slot from position 0), before anything runs.
     `saves`: (sequence, [(pool block, start position)]) to copy out of its slot once its prompt is prefilled.
+    `drafts`: speculative draft tokens of decode rows, to verify after their fed-back token.
     """
 
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[PrefillBatch] = field(default_factory=list)
     loads: list[tuple[Sequence, list[int]]] = field(default_factory=list)
     saves: list[tuple[Sequence, list[tuple[int, int]]]] = field(default_factory=list)
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)
 
     @property
     def completing(self) -> list[Sequence]:

@@ -60,11 +60,13 @@ class Runner:
             self._prompt_mask[seq.slot, torch.tensor(req.prompt_ids, device=self.device)] = True
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Run `plan`; return the sampled token of each of `plan.rows`, in order (empty if none completes)."""
+    def execute(self, plan: StepPlan) -> list[list[int]]:
+        """Run `plan`; return the tokens each of `plan.rows` gets, in order: one per row, or for a row with a
+        draft the accepted draft tokens and the model's next one (empty if no row gets a token)."""
         for seq, blocks in plan.loads:
             self.pool.load(seq.slot, blocks)
-        parts = [self._decode(plan.decode)] if plan.decode else []
+        wide = self._decode_drafts(plan) if plan.drafts else None
+        parts = [wide[:, 0] if wide is not None else self._decode(plan.decode)] if plan.decode else []
         for batch in plan.prefill:
             logits = self._prefill(batch)
             parts.extend(logits[i : i + 1] for i, c in enumerate(batch.chunks)
@@ -73,7 +75,10 @@ class Runner:
             self.pool.save(seq.slot, blocks)
         if not parts:
             return []  # only partial prompt chunks ran this step
-        return self._sample(plan.rows, torch.cat(parts) if len(parts) > 1 else parts[0])
+        tokens = [[t] for t in self._sample(plan.rows, torch.cat(parts) if len(parts) > 1 else parts[0])]
+        if wide is not None:
+            self._verify(plan, wide, tokens)
+        return tokens
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
         slots, positions = [s.slot for s in rows], [s.pos for s in rows]
@@ -81,6 +86,34 @@ class Runner:
             return self.graphs.step(slots, [s.next_token for s in rows], positions)
         idx = torch.tensor([[s.next_token] for s in rows], device=self.device)
         return self.model.forward_cached(idx, self.cache, slots, positions)
+
+    def _decode_drafts(self, plan: StepPlan) -> torch.Tensor:
+        """Logits (rows, 1 + longest draft, V) of every decode row fed its token and its draft, as one batch
+        (rows without a draft padded: their extra keys land past their position and are overwritten later)."""
+        rows = plan.decode
+        width = 1 + max(len(d) for d in plan.drafts.values())
+        idx = []
+        for s in rows:
+            row = [s.next_token, *plan.drafts.get(s, ())]
+            idx.append(row + [0] * (width - len(row)))
+        return self.model.forward_cached(torch.tensor(idx, device=self.device), self.cache, [s.slot for s in rows],
+                                         [s.pos for s in rows], last_only=False)
+
+    def _verify(self, plan: StepPlan, wide: torch.Tensor, tokens: list[list[int]]) -> None:
+        """Greedy verification: extend each drafting row's token by the draft tokens the model agrees with and
+        the model's own token after them. Only greedy, unpenalized rows draft, so argmax is their sampler."""
+        if self._text_vocab < wide.size(-1):
+            wide[..., self._text_vocab :] = float("-inf")
+        best = wide[:, 1:].argmax(-1).tolist()  # best[i][j]: the model's token after row i's draft token j
+        for i, seq in enumerate(plan.decode):
+            draft = plan.drafts.get(seq)
+            if not draft:
+                continue
+            out = tokens[i]
+            for j, d in enumerate(draft):
+                if out[-1] != d:
+                    break
+                out.append(best[i][j])
 
     def _prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Last-token logits of each chunk in `batch` (rows shorter than the batch are padded at the end)."""

@@ -16,6 +16,7 @@ import torch
 
 from pocketgpt.app.engine.plan import Chunk, StepPlan, group_waves, prefill_budget
 from pocketgpt.app.engine.prefix_cache import PrefixIndex
+from pocketgpt.app.engine.speculate import NgramDrafter
 from pocketgpt.app.engine.stream import TextStream
 from pocketgpt.app.engine.types import EngineClosed, GenRequest, QueueFull, Ticket
 
@@ -35,6 +36,8 @@ class Sequence:
     generated: int = 0  # tokens sampled so far (an end-of-text token included)
     next_token: int | None = None  # sampled but not yet fed back through the model
     submitted: float = 0.0
+    history: list[int] = field(default_factory=list)  # prompt and output so far (kept with speculation only)
+    drafter: NgramDrafter | None = None  # speculative decoding for this request (greedy requests only)
 
     @property
     def request(self) -> GenRequest:
@@ -143,16 +146,32 @@ class Scheduler:
         budget, granule = prefill_budget(len(decode), self.prefill_chunk, self.granule, self.lone_chunk)
         chunks = [Chunk(*c) for c in self.prefill_plan(budget, granule)]
         plan = StepPlan(decode, group_waves(chunks, self.max_len))
+        plan.drafts = self._drafts(decode)
         plan.loads = [(s, blocks) for s, blocks in self._loads if s.slot >= 0]
         self._loads.clear()
         if self.prefix is not None:  # prompts complete after this step: cache their blocks
             plan.saves = [(s, new) for s in plan.completing if (new := self.prefix.insert(s.request.prompt_ids))]
         return plan
 
-    def commit(self, plan: StepPlan) -> None:
-        """Record a step the runner has executed: decode rows moved on one position, chunks are cached."""
-        for seq in plan.decode:
-            seq.pos += 1
+    def _drafts(self, decode: list[Sequence]) -> dict[Sequence, list[int]]:
+        """Speculative drafts of the decode rows that draft, within the room every row has left."""
+        drafting = [s for s in decode if s.drafter is not None]
+        if not drafting:
+            return {}
+        # All decode rows run as one padded batch when any drafts, so the fullest row bounds every draft.
+        room = self.max_len - 1 - max(s.pos for s in decode)
+        drafts = {}
+        for s in drafting:
+            limit = min(room, s.request.max_new_tokens - s.generated - 1)
+            if draft := s.drafter.propose(limit):
+                drafts[s] = draft
+        return drafts
+
+    def commit(self, plan: StepPlan, tokens: list[list[int]] | None = None) -> None:
+        """Record a step the runner has executed: decode rows moved on by the tokens they took in (one, or a
+        verified draft's accepted tokens plus one), chunks are cached; `tokens` as `Runner.execute` returns."""
+        for i, seq in enumerate(plan.decode):
+            seq.pos += len(tokens[i]) if tokens else 1
         for batch in plan.prefill:
             for chunk in batch.chunks:
                 chunk.seq.prefilled = chunk.end

@@ -1,0 +1,65 @@
+"""N-gram (prompt-lookup) drafting for speculative decoding without a second model.
+
+Text often repeats itself: code reuses names and lines, a summary quotes its source. So the next few tokens
+are drafted by finding the most recent earlier occurrence of the last `n` tokens (n from `n_max` down to
+`n_min`) in the request's own context (prompt and output so far) and copying what followed it. The runner
+checks a whole draft with one forward over its positions; for greedy requests every draft token the model
+would have chosen itself is accepted, plus the model's own next token, so the output is the same as
+without drafting, and a step yields up to k + 1 tokens for about the cost of one on a memory-bound CPU.
+
+`adapt` keeps drafting where it pays: the draft length grows after a fully accepted draft, shrinks to what
+was accepted otherwise, and after `patience` drafts in a row with nothing accepted the request stops
+drafting for `pause` steps.
+"""
+
+from __future__ import annotations
+
+
+class NgramDrafter:
+    """Drafts for one request from its token history (a list the caller keeps appending to)."""
+
+    def __init__(self, history: list[int], k_max: int, n_max: int = 3, n_min: int = 2, patience: int = 3,
+                 pause: int = 16) -> None:
+        self.history, self.k_max, self.n_max, self.n_min = history, k_max, n_max, n_min
+        self.k = k_max
+        self.patience, self.pause = patience, pause
+        self._misses = 0
+        self._paused = 0
+        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where what followed its latest occurrence starts
+        self._indexed = 0  # history[:_indexed] is in the index, except n-grams ending at its last token
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to min(k, limit) draft tokens to follow the history; [] when paused or nothing matches."""
+        self._catch_up()
+        if self._paused > 0:
+            self._paused -= 1
+            return []
+        k = min(self.k, limit)
+        if k <= 0:
+            return []
+        h = self.history
+        for n in range(min(self.n_max, len(h) - 1), self.n_min - 1, -1):
+            start = self._index.get(tuple(h[-n:]))
+            if start is not None:
+                return h[start : start + k]
+        return []
+
+    def adapt(self, drafted: int, accepted: int) -> None:
+        """Record how a draft of `drafted` tokens fared."""
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 1)
+        else:
+            self.k = max(1, accepted + 1)
+        self._misses = self._misses + 1 if accepted == 0 else 0
+        if self._misses >= self.patience:
+            self._misses, self._paused = 0, self.pause
+
+    def _catch_up(self) -> None:
+        # Index every n-gram that ends before the last token, so the latest earlier occurrence of the
+        # history's own tail is what a lookup finds (never the tail itself).
+        h = self.history
+        for end in range(max(self._indexed, 1), len(h)):
+            for n in range(self.n_min, self.n_max + 1):
+                if end - n >= 0:
+                    self._index[tuple(h[end - n : end])] = end
+        self._indexed = len(h)

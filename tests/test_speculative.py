@@ -1,0 +1,106 @@
+"""N-gram speculative decoding: drafting, and outputs identical to plain decoding inside continuous batching."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.speculate import NgramDrafter
+from pocketgpt.app.engine.types import GenRequest, TokenEvent
+from pocketgpt.app.metrics import Metrics
+from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.model.tokenizer import train_tokenizer
+from tests.conftest import make_tiny_checkpoint, small_corpus
+
+
+def test_drafter_copies_what_followed_the_latest_earlier_occurrence() -> None:
+    history = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]
+    assert NgramDrafter(history, k_max=3).propose(10) == [7, 8, 6]  # "2 3" last came before "7 8 6"
+    history[-3] = 1
+    assert NgramDrafter(history, k_max=3).propose(10) == [4, 5, 9]  # the trigram "1 2 3" wins over the bigram
+    history[:] = [1, 2, 3, 4, 5, 1, 2, 3]
+    d = NgramDrafter(history, k_max=3)
+    assert d.propose(10) == [4, 5, 1]
+    assert d.propose(2) == [4, 5]  # never past the limit
+    history.append(4)  # the history grows: the index catches up
+    assert d.propose(10) == [5, 1, 2]
+    assert NgramDrafter([5, 6, 7, 8], k_max=3).propose(10) == []  # no repeat, no draft
+
+
+def test_drafter_adapts_and_pauses_when_drafts_stop_paying() -> None:
+    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4)
+    d.adapt(4, 1)
+    assert d.k == 2  # what was accepted, plus one
+    d.adapt(2, 2)
+    assert d.k == 3
+    for _ in range(3):
+        d.adapt(3, 0)
+    assert d.propose(10) == []  # paused after three misses in a row
+    for _ in range(16):
+        d.propose(10)
+    assert d.propose(10) != []
+
+
+async def _run(engine: Engine, request: GenRequest) -> list[int]:
+    ticket = engine.submit(request)
+    ids = []
+    while isinstance(event := await asyncio.wait_for(ticket.queue.get(), 30), TokenEvent):
+        ids.append(event.id)
+    return ids
+
+
+def contextual_checkpoint(path: Path) -> Path:
+    """A random model whose next token depends on the whole context, not only on the last token (the
+    sharpened test models mostly follow their last token, which makes every n-gram draft right)."""
+    tok = train_tokenizer(small_corpus(), vocab_size=400)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=256,
+                            tie_embeddings=False))
+    with torch.no_grad():
+        for block in model.h:  # strong attention: what came earlier moves the logits
+            block.attn.c_attn.weight.mul_(4)
+            block.attn.c_proj.weight.mul_(8)
+    return save_checkpoint(path, model, tok, meta={"step": 0})
+
+
+@pytest.mark.parametrize("kind", ["contextual", "sharpened"])
+def test_speculation_changes_no_output_alone_or_batched(tmp_path: Path, kind: str) -> None:
+    if kind == "contextual":
+        path = contextual_checkpoint(tmp_path / kind)
+    else:
+        path = make_tiny_checkpoint(tmp_path / kind, tie_embeddings=False, block_size=256)
+    metrics = Metrics()
+    plain = Engine(load_checkpoint(path), max_running=8).start()
+    spec = Engine(load_checkpoint(path), max_running=8, spec_tokens=4, metrics=metrics).start()
+    try:
+        tok = plain.tokenizer
+        texts = ["def add(a, b):\n    return a + b\n\ndef add(", "To be, or not to be, to be, or not",
+                 "the cat the cat the cat", "x = 1\nx = 1\nx = 1\n", "Hello"]
+        greedy = SamplingParams(temperature=0.0)
+        requests = [GenRequest(tok.encode(t), 60, greedy) for t in texts]
+        # Requests that never draft share the batches: sampled, penalized.
+        requests += [GenRequest(tok.encode(texts[0]), 40, SamplingParams(temperature=0.9), seed=3),
+                     GenRequest(tok.encode(texts[1]), 40, SamplingParams(temperature=0.0, repetition_penalty=1.3))]
+
+        async def main() -> None:
+            want = [await _run(plain, r) for r in requests]
+            assert [await _run(spec, r) for r in requests] == want  # one at a time
+            assert list(await asyncio.gather(*(_run(spec, r) for r in requests))) == want  # batched
+            # A short max_new_tokens is honoured exactly even when a draft would run past it.
+            assert await _run(spec, GenRequest(requests[2].prompt_ids, 3, greedy)) == want[2][:3]
+
+        asyncio.run(main())
+    finally:
+        plain.stop()
+        spec.stop()
+    accepted, drafted = metrics.spec_accepted_tokens._value.get(), metrics.spec_draft_tokens._value.get()
+    assert 0 < accepted <= drafted
+    if kind == "contextual":
+        assert accepted < drafted  # some drafts were wrong: verification really rejected tokens
