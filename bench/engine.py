@@ -4,10 +4,13 @@
     python -m bench.engine --only long --rounds 3
 
 `long`: time to first token of a ~1,000-token prompt with nothing else running, against one plain forward of
-the same model over the same tokens (`GPT.forward`, no cache), measured alternately in the same rounds; the
+the same model over the same tokens (`GPT.forward`, no cache, the training layout: the engine's inference
+layout runs faster), measured alternately in the same rounds; the
 engine as it is (a lone prompt in one chunk), with 256-token chunks, and with 16-token chunks (the old CPU
 rule). Then the interference bound: 16 greedy streams decode; once each has 8 tokens a 512-token prompt
 arrives; the streams' inter-token p99 with it over the same streams' p99 without it (same round).
+
+`spec`: greedy batch-1 decode with n-gram speculative decoding on and off (see `bench/engine_spec.py`).
 
 `prefix`: a 1,024-token shared prefix plus a 16-token suffix, time to first token on a prefix-cache hit
 against a miss (same engine, alternating); and 16 chat-like streams sharing a 512-token system prompt,
@@ -153,7 +156,7 @@ _SHORT = [
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=("long", "prefix"), default=["long", "prefix"])
+    p.add_argument("--only", nargs="+", choices=("long", "prefix", "spec"), default=["long", "prefix", "spec"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=96, help="tokens per stream in the interference runs")
@@ -195,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print("== prefix cache", flush=True)
         results["sections"]["prefix"] = prefix_section(checkpoint, tokenizer, args.rounds)
+    if "spec" in args.only:
+        from bench.engine_spec import spec_section
+
+        print("== speculative decoding", flush=True)
+        results["sections"]["spec"] = spec_section(checkpoint, tokenizer, args.rounds)
     results["load_average_after"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -243,6 +251,15 @@ def report(results: dict[str, Any], source: Path) -> str:
             f"| their TTFT p50 ms, on / off | {fmt(chat['ttft_p50_ms']['on'])} / {fmt(chat['ttft_p50_ms']['off'])} |",
             f"| their TTFT p99 ms, on / off | {fmt(chat['ttft_p99_ms']['on'])} / {fmt(chat['ttft_p99_ms']['off'])} |",
         ]
+    if "spec" in sec:
+        sp = sec["spec"]
+        for kind in ("code", "prose"):
+            lines += [
+                f"| greedy batch-1 decode, {kind}: tok/s with n-gram speculation / without (same tokens: "
+                f"{sp[kind]['identical_tokens']}) | {fmt(sp[kind]['spec_over_plain'], 2)} |",
+                f"| {kind}: tok/s with drafts that always miss / without | {fmt(sp[kind]['miss_over_plain'], 2)} |",
+            ]
+        lines.append(f"| draft tokens accepted / drafted | {sp['spec_accepted_over_drafted']:.2f} |")
     lines += ["", "Left out: HTTP and SSE (`python -m bench --only serve` measures the served path), other hardware "
               "and trained weights (speed does not depend on the weights' values).", ""]
     return "\n".join(lines)

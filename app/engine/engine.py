@@ -53,6 +53,7 @@ class Engine:
         prefix_cache_slots: float = 0.0,
         prefix_block: int = 16,
         spec_tokens: int = 0,
+        drafter: Callable[..., NgramDrafter] = NgramDrafter,
         decode_graphs: bool | None = None,
         name: str | None = None,
         metrics: Metrics | None = None,
@@ -78,6 +79,7 @@ class Engine:
         # With nothing decoding, a prompt goes in chunks this large (default: whole, up to the context).
         self.lone_prefill_chunk = max(1, lone_prefill_chunk or self.context_length)
         self.spec_tokens = spec_tokens  # n-gram speculative decoding: longest draft (0: off)
+        self._drafter = drafter  # (history, k_max) -> a drafter; benchmarks pass one that always misses
         self.metrics = metrics
         self.eot_id = self.tokenizer.eot_id
         prefix = PrefixIndex(prefix_blocks, prefix_block) if prefix_blocks > 0 else None
@@ -217,7 +219,7 @@ class Engine:
                 # Drafts are verified greedily: only requests whose sampler is argmax may draft.
                 if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized:
                     seq.history = list(req.prompt_ids)
-                    seq.drafter = NgramDrafter(seq.history, self.spec_tokens)
+                    seq.drafter = self._drafter(seq.history, self.spec_tokens)
                 self.scheduler.add(seq)
             elif item[0] == "cancel":
                 seq = self.scheduler.find(item[1])

@@ -181,10 +181,10 @@ class Scheduler:
     def prefill_plan(self, budget: int, granule: int | None = None) -> list[tuple[Sequence, int, int]]:
         """Prompt chunks (sequence, start, end) for this step, at most `budget` prompt tokens in all.
 
-        Chunks are cut at multiples of `granule` (default: `budget`) from the prompt start, whatever else is
-        running, so a prompt is always prefilled the same way: batching never changes its numbers. A prompt
-        may get several consecutive chunks in one step. The first chunk of a step is always taken; later ones
-        only if they fit, in admission order (no overtaking).
+        Chunks are cut at multiples of `granule` (default: `budget`) from the prompt start, so chunks of
+        prompts admitted together start at the same positions and batch well. A prompt may get several
+        consecutive chunks in one step. The first chunk of a step is always taken; later ones only if they
+        fit, in admission order (no overtaking).
         """
         granule = granule or budget
         plan: list[tuple[Sequence, int, int]] = []
