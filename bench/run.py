@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = make_checkpoint(args.work / "headline-random", cfg, tokenizer)
         results["model"] = cfg.to_dict()
         results["thread_probe"] = thread_probe()
+        # No prefix cache: the interference rounds send the same long prompt each round, and a cache hit would
+        # skip the very prefill they measure (`python -m bench.engine` measures the prefix cache).
         server_env = {"POCKETGPT_DB": str(args.work / "server.db"), "POCKETGPT_DATA_DIR": str(args.work / "data"),
-                      "POCKETGPT_CHECKPOINT_DIR": str(args.work / "checkpoints")}
+                      "POCKETGPT_CHECKPOINT_DIR": str(args.work / "checkpoints"), "POCKETGPT_PREFIX_CACHE_SLOTS": "0"}
         with Server(checkpoint, args.threads, max_running=max([*args.levels, 16]), device=args.device,
                     extra_env=server_env) as server:
             if "decode" in args.only:

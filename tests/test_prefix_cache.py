@@ -124,3 +124,29 @@ def test_openai_usage_and_metrics_report_cached_tokens(checkpoint: Path) -> None
     assert values["pocketgpt_prefix_cache_query_tokens_total"] == 2 * n
     assert values["pocketgpt_prefix_cache_hit_tokens_total"] == (n - 1) // 16 * 16
     assert 0 < values["pocketgpt_prefix_cache_usage_ratio"] <= 1
+
+
+def test_a_hot_swap_starts_with_an_empty_cache(tmp_path: Path, checkpoint: Path) -> None:
+    """The cache belongs to one model: after a swap the same prompt is a miss and gets the new model's tokens."""
+    from pocketgpt.app.engine.holder import EngineHolder
+
+    other = make_tiny_checkpoint(tmp_path / "other", seed=5, tie_embeddings=False, block_size=256)
+    holder = EngineHolder(lambda p: Engine(load_checkpoint(p), max_running=2, prefix_cache_slots=1).start())
+
+    async def main() -> None:
+        await holder.load(checkpoint)
+        prompt = _prompts(holder.current.tokenizer)[0]
+        await _run(holder.current, prompt, 8)
+        _, done = await _run(holder.current, prompt, 8)
+        assert done.cached_tokens > 0
+        await holder.swap(other)
+        got, done = await _run(holder.current, prompt, 8)
+        assert done.cached_tokens == 0
+        fresh = Engine(load_checkpoint(other), max_running=1).start()
+        try:
+            assert got == (await _run(fresh, prompt, 8))[0]
+        finally:
+            fresh.stop()
+        await holder.close()
+
+    asyncio.run(main())
