@@ -5,6 +5,8 @@ One thread serves the model. Each turn of its loop it pulls new requests and can
 waiting requests into free KV slots, and runs one step: the scheduler plans it (`Scheduler.schedule`, plain
 data: decode rows and prompt chunks within the prefill budget), the runner executes it (`Runner.execute`:
 the model, the cache, sampling) and the output delivers the tokens (`Output`: text, stop strings, events).
+The prefix cache (`prefix_cache.py`: the scheduler decides what is cached, the runner copies the blocks) and
+n-gram speculative decoding (`speculate.py`: the scheduler drafts, the runner verifies) ride on the same plan.
 """
 
 from __future__ import annotations
