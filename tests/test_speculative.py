@@ -104,3 +104,35 @@ def test_speculation_changes_no_output_alone_or_batched(tmp_path: Path, kind: st
     assert 0 < accepted <= drafted
     if kind == "contextual":
         assert accepted < drafted  # some drafts were wrong: verification really rejected tokens
+
+
+def test_prefix_cache_speculation_and_batching_together_change_no_greedy_output(tmp_path: Path) -> None:
+    """Random prompts sharing random prefixes, all at once, through a small (evicting) prefix cache and
+    speculation, against the plain engine one request at a time."""
+    import random
+
+    path = contextual_checkpoint(tmp_path / "ck")
+    plain = Engine(load_checkpoint(path), max_running=1).start()
+    full = Engine(load_checkpoint(path), max_running=6, prefill_chunk=32, prefix_cache_slots=0.5,
+                  spec_tokens=3).start()
+    try:
+        rng = random.Random(7)
+        vocab = plain.tokenizer.vocab_size
+        stems = [[rng.randrange(1, vocab) for _ in range(rng.randrange(10, 60))] for _ in range(3)]
+        greedy = SamplingParams(temperature=0.0)
+        requests = []
+        for _ in range(14):
+            stem = rng.choice(stems)
+            tail = stem[: rng.randrange(0, len(stem))] if rng.random() < 0.5 else []  # repeats invite drafts
+            prompt = stem + tail + [rng.randrange(1, vocab) for _ in range(rng.randrange(1, 20))]
+            requests.append(GenRequest(prompt, rng.randrange(1, 40), greedy))
+
+        async def main() -> None:
+            want = [await _run(plain, r) for r in requests]
+            for _ in range(2):  # the second round mostly hits the cache
+                assert list(await asyncio.gather(*(_run(full, r) for r in requests))) == want
+
+        asyncio.run(main())
+    finally:
+        plain.stop()
+        full.stop()
