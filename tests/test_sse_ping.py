@@ -15,7 +15,7 @@ import pytest
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
 from pocketgpt.app.sse import NO_PING_S, ping_interval
-from pocketgpt.app.testing import byte_token_ids, running_server, scripted_factory
+from pocketgpt.app.testing import byte_token_ids, running_server, scripted_factory, slowed
 from pocketgpt.model.tokenizer import Tokenizer
 from tests.sse import events_in_text
 
@@ -37,7 +37,7 @@ def stream_lines(base: str) -> tuple[list[str], float]:
 def test_sse_ping_setting(ping: float, tokenizer: Tokenizer, tmp_path: Path) -> None:
     script = byte_token_ids(tokenizer, b"abcdefgh")  # never the end-of-text token: all TOKENS are sent
     settings = Settings(checkpoint=tmp_path, sse_ping=ping)
-    app = create_app(settings, engine_factory=scripted_factory(tokenizer, script, step_delay=STEP_S))
+    app = create_app(settings, engine_factory=scripted_factory(tokenizer, script, runner=slowed(STEP_S)))
     with running_server(app) as base:
         lines, seconds = stream_lines(base)
     pings = [line for line in lines if line.startswith(":")]
