@@ -28,6 +28,7 @@ RESULTS = ROOT / "docs" / "benchmarks" / "results.json"  # python -m bench
 ONE_THREAD = ROOT / "docs" / "benchmarks" / "results-1thread.json"  # python -m bench --threads 1 --only decode serve
 SOAK = ROOT / "docs" / "benchmarks" / "soak.json"  # python bench/soak.py
 CLIENT_COST = ROOT / "docs" / "benchmarks" / "client_cost.json"  # python -m bench.client_cost
+ENGINE = ROOT / "docs" / "benchmarks" / "engine.json"  # python -m bench.engine
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -214,12 +215,56 @@ def fill(template: str, values: dict[str, str]) -> str:
     return template.format_map(_Missing(values))
 
 
+def readme_engine(engine: dict[str, Any]) -> str:
+    """The README's engine v2 table: long prompts, the prefix cache, speculative decoding."""
+    sec = engine["sections"]
+    med = lambda s: s["median"]  # noqa: E731
+    src = f"[{rel(ENGINE)}]({rel(ENGINE)})"
+    lines = [
+        f"Engine v2 (`python -m bench.engine` of {engine['started']}: in-process, "
+        f"{engine['model']['n_layer']}×{engine['model']['n_embd']} model with context {engine['model']['block_size']}, "
+        f"random weights; the load average was {engine['machine']['load_average'][0]:.0f} before and "
+        f"{engine['load_average_after'][0]:.0f} after on 2 cores, so single figures swing widely; medians of "
+        f"{engine['rounds']} rounds; every figure from {src}, also as a table in docs/benchmarks/engine.md):", "",
+        "| what | pocketgpt | compared with, same run |", "| --- | --: | --: |",
+    ]
+    if "long" in sec:
+        long = sec["long"]
+        lines += [
+            f"| time to first token of a {long['prompt_tokens']}-token prompt, nothing else running | "
+            f"{med(long['ttft_over_forward']['engine']):.2f}x one plain `GPT.forward` of the prompt (the engine "
+            f"runs the faster inference layout) | 16-token chunks (the engine before): "
+            f"{med(long['ttft_over_forward']['chunks_16']):.2f}x |",
+            f"| a 512-token prompt arriving during 16 streams (in-process) | their inter-token p99 "
+            f"×{med(long['interference']['p99_ratio']):.2f} | |",
+        ]
+    if "prefix" in sec:
+        sp, chat = sec["prefix"]["shared_prefix"], sec["prefix"]["chat"]
+        lines += [
+            f"| 1,024-token shared prefix + 16-token suffix | time to first token "
+            f"{med(sp['miss_over_hit']):.0f}x faster on a prefix-cache hit | |",
+            f"| {chat['streams']} streams sharing a {chat['system_tokens']}-token system prompt | "
+            f"{num(med(chat['aggregate_tok_s']['on']))} tok/s, TTFT p50 {num(med(chat['ttft_p50_ms']['on']))} ms "
+            f"with the prefix cache | {num(med(chat['aggregate_tok_s']['off']))} tok/s, "
+            f"{num(med(chat['ttft_p50_ms']['off']))} ms without |",
+        ]
+    if "spec" in sec:
+        spec = sec["spec"]
+        lines.append(
+            f"| n-gram speculation, greedy batch 1, code continuations | {med(spec['code']['spec_over_plain']):.2f}x "
+            f"tok/s, identical tokens: {spec['code']['identical_tokens']} | drafts that always miss: "
+            f"{med(spec['code']['miss_over_plain']):.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 # -- blocks in Markdown files ----------------------------------------------------------------------------------------
 def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
-    results, soak = load(RESULTS), load(SOAK)
+    results, soak, engine = load(RESULTS), load(SOAK), load(ENGINE)
     blocks: list[tuple[Path, str, Callable[[], str]]] = [(RELIABILITY, "soak", lambda: soak_section(soak))]
     if results is not None:
         blocks.append((README, "performance", lambda: readme_performance(results, soak)))
+    if engine is not None:
+        blocks.append((README, "engine", lambda: readme_engine(engine)))
     return blocks
 
 
