@@ -21,7 +21,13 @@ from pocketgpt.model.tokenizer import Tokenizer
 
 
 class Runner:
-    """Model + KV cache + sampling state for `n_slots` concurrent sequences."""
+    """Model + KV cache + sampling state for `n_slots` concurrent sequences.
+
+    The model serves through GPT's interface: `prepare_inference()`, `forward_cached(..., last_only,
+    lengths)` and, for CUDA-graph decode steps, `forward_batch`. What the runner makes of it (graphs or not,
+    the cache's shape, dtype and device) is decided here and nowhere else; tests serve stand-ins that
+    implement the same interface, and slow it down by subclassing (`app.testing.slowed`).
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, n_slots: int,
                  decode_graphs: bool | None = None, prefix_blocks: int = 0, prefix_block: int = 16) -> None:
