@@ -19,6 +19,7 @@ from pocketgpt.model.checkpoint import load_checkpoint
 from pocketgpt.model.kv_cache import KVCache
 from pocketgpt.model.sampling import SamplingParams
 from tests.conftest import make_tiny_checkpoint
+from tests.prom import scrape
 
 
 def test_index_matches_whole_blocks_exactly_and_leaves_the_last_token() -> None:
@@ -118,12 +119,10 @@ def test_openai_usage_and_metrics_report_cached_tokens(checkpoint: Path) -> None
         assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == (n - 1) // 16 * 16 > 0
         assert second["choices"][0]["text"] == first["choices"][0]["text"]
-        metrics = client.get("/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-              if line.startswith("pocketgpt_prefix_cache")}
-    assert values["pocketgpt_prefix_cache_query_tokens_total"] == 2 * n
-    assert values["pocketgpt_prefix_cache_hit_tokens_total"] == (n - 1) // 16 * 16
-    assert 0 < values["pocketgpt_prefix_cache_usage_ratio"] <= 1
+        metrics = scrape(base)
+    assert metrics("pocketgpt_prefix_cache_query_tokens_total") == 2 * n
+    assert metrics("pocketgpt_prefix_cache_hit_tokens_total") == (n - 1) // 16 * 16
+    assert 0 < metrics("pocketgpt_prefix_cache_usage_ratio") <= 1
 
 
 def test_a_hot_swap_starts_with_an_empty_cache(tmp_path: Path, checkpoint: Path) -> None:
