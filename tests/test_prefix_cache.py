@@ -149,3 +149,24 @@ def test_a_hot_swap_starts_with_an_empty_cache(tmp_path: Path, checkpoint: Path)
         await holder.close()
 
     asyncio.run(main())
+
+
+def test_a_finished_requests_output_is_cached_for_the_next_turn(checkpoint: Path) -> None:
+    """A chat's next turn repeats the previous prompt and answer: both come from the cache, same tokens."""
+    off = Engine(load_checkpoint(checkpoint), max_running=2).start()
+    on = Engine(load_checkpoint(checkpoint), max_running=2, prefix_cache_slots=1).start()
+    try:
+        first = _prompts(on.tokenizer)[1]
+
+        async def main() -> None:
+            answer, _ = await _run(on, first, 40)
+            turn = first + answer[:-1] + on.tokenizer.encode(" and then?")  # answer[-1] was never fed back
+            want, _ = await _run(off, turn, 16)
+            got, done = await _run(on, turn, 16)
+            assert got == want
+            assert done.cached_tokens == (len(first) + len(answer) - 1) // 16 * 16 > len(first)
+
+        asyncio.run(main())
+    finally:
+        off.stop()
+        on.stop()

@@ -218,9 +218,10 @@ class Engine:
                     deadline=submitted + req.timeout if req.timeout else None,
                     submitted=submitted,
                 )
+                if self.scheduler.prefix is not None or self.spec_tokens > 0:
+                    seq.history = list(req.prompt_ids)
                 # Drafts are verified greedily: only requests whose sampler is argmax may draft.
                 if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized:
-                    seq.history = list(req.prompt_ids)
                     seq.drafter = self._drafter(seq.history, self.spec_tokens)
                 self.scheduler.add(seq)
             elif item[0] == "cancel":
@@ -262,6 +263,18 @@ class Engine:
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(tokens))
         self.output.deliver(plan.rows, tokens, time.perf_counter())
+        self._cache_finished()
+
+    def _cache_finished(self) -> None:
+        """Store the blocks of finished requests' prompt and output in the prefix cache (a chat's next turn
+        starts with them), before their slots are reused."""
+        finished, self.output.finished = self.output.finished, []
+        prefix = self.scheduler.prefix
+        if prefix is None:
+            return
+        for seq, slot in finished:
+            if new := prefix.insert(seq.history[: seq.pos]):  # the tokens whose keys are in the slot
+                self.runner.save_blocks(slot, new)
 
     def _count_drafts(self, plan: StepPlan, tokens: list[list[int]]) -> None:
         drafted = accepted = 0

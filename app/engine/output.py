@@ -32,6 +32,7 @@ class Output:
         self.eot_id = eot_id
         self.metrics = metrics
         self._outbox: list[tuple[Ticket, Event]] = []
+        self.finished: list[tuple[Sequence, int]] = []  # (sequence, the slot it held) ended normally this turn
 
     def deliver(self, rows: list[Sequence], tokens: list[list[int]], now: float) -> None:
         """Hand each row its tokens (one, or several from a verified draft), up to where its request ends."""
@@ -45,7 +46,7 @@ class Output:
         Returns whether the request is finished."""
         index = seq.generated
         seq.generated += 1
-        if seq.drafter is not None:
+        if seq.history is not None:
             seq.history.append(token)
         if token == self.eot_id or token in seq.request.stop_ids:  # stop_ids: e.g. a chat template's end
             text, stop = seq.text.finish()
@@ -61,6 +62,7 @@ class Output:
         if reason is None:
             seq.next_token = token
             return False
+        self.finished.append((seq, seq.slot))
         self.scheduler.remove(seq)
         self.count_finish(reason)
         self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached))

@@ -15,8 +15,8 @@ cached block stays reachable). The index lives in the scheduler and holds no ten
 the runner. Both belong to one engine, so one model: a hot swap starts with an empty cache.
 
 At least one prompt token is always computed (its logits give the first output token): a match stops at
-the last block boundary before the prompt's last token. Only prompt blocks are stored, once the prompt is
-fully prefilled.
+the last block boundary before the prompt's last token. A prompt's blocks are stored once it is prefilled,
+and the blocks of prompt and output together when a request finishes (a chat's next turn starts with both).
 """
 
 from __future__ import annotations

@@ -65,6 +65,10 @@ class Runner:
             self._prompt_mask[seq.slot].zero_()
             self._prompt_mask[seq.slot, torch.tensor(req.prompt_ids, device=self.device)] = True
 
+    def save_blocks(self, slot: int, blocks: list[tuple[int, int]]) -> None:
+        """Copy positions of `slot` into prefix-cache pool blocks: [(pool block, start position)]."""
+        self.pool.save(slot, blocks)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[list[int]]:
         """Run `plan`; return the tokens each of `plan.rows` gets, in order: one per row, or for a row with a

@@ -36,7 +36,7 @@ class Sequence:
     generated: int = 0  # tokens sampled so far (an end-of-text token included)
     next_token: int | None = None  # sampled but not yet fed back through the model
     submitted: float = 0.0
-    history: list[int] = field(default_factory=list)  # prompt and output so far (kept with speculation only)
+    history: list[int] | None = None  # prompt and output so far (kept for speculation and the prefix cache)
     drafter: NgramDrafter | None = None  # speculative decoding for this request (greedy requests only)
 
     @property
