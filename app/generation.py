@@ -44,6 +44,21 @@ class GenerationSpec:
     max_tokens_param: str = "max_new_tokens"  # the field name to blame when the context overflows
     render: PromptRenderer | None = None  # None: the prompt is `prompt`, encoded as text
     clip_to_context: bool = False  # lower max_new_tokens to the room the prompt leaves (max_tokens not given)
+    model: str | None = None  # the model the client named (OpenAI routes); None: whichever is served
+
+
+def model_names(served: str) -> tuple[str, ...]:
+    """The names a served model answers to: its id, and for a run's `best`/`last` checkpoint (`starter/best`)
+    the run's name too (`starter`), the name people use for it."""
+    run, _, leaf = served.rpartition("/")
+    return (served, run) if run and leaf in ("best", "last") else (served,)
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """404 `model_not_found` (OpenAI's and vLLM's answer) unless `requested` is absent or names the served model."""
+    if requested is not None and requested not in model_names(served):
+        raise APIError(404, f"The model {requested[:200]!r} does not exist: this server serves {served!r} "
+                       "(see GET /v1/models).", type="invalid_request_error", param="model", code="model_not_found")
 
 
 @dataclass
@@ -111,11 +126,13 @@ class Generation:
             engine = holder.current
             if engine is None:
                 raise APIError(503, "the model is not loaded yet", code="model_not_ready")
+            check_model(spec.model, engine.name)
             heal = b""
             if spec.render:
                 ids, stop_ids = spec.render(engine)
             else:
-                ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt))
+                # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
+                ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt, allow_special=False))
                 stop_ids = ()
             n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
             if spec.clip_to_context and n < limit:

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse
 
@@ -116,12 +116,19 @@ async def get_job(job_id: str, manager: JobManager = Depends(get_manager)):
     return job_view(_job_or_404(manager, job_id))
 
 
+# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses (that was a 500).
+_EVENT_ID = r"^[0-9]{1,18}$"
+
+
 @router.get("/jobs/{job_id}/events")
-async def job_event_stream(job_id: str, request: Request, manager: JobManager = Depends(get_manager)):
+async def job_event_stream(
+    job_id: str, request: Request, manager: JobManager = Depends(get_manager),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID", pattern=_EVENT_ID,
+                                       description="resume after this event id (sent by EventSource on reconnect)"),
+):
     """SSE: the job's metrics records so far and as they come (event = record type), then `status`."""
     _job_or_404(manager, job_id)
-    last = request.headers.get("last-event-id", "0")
-    return EventSourceResponse(job_events(manager, job_id, int(last) if last.isdigit() else 0),
+    return EventSourceResponse(job_events(manager, job_id, int(last_event_id or 0)),
                                ping=ping_interval(request.app.state.settings.sse_ping))
 
 

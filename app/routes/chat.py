@@ -67,7 +67,7 @@ def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[Server
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            ctx: AppContext = Depends(get_ctx)) -> Response:
     """OpenAI chat completions for one conversation."""
-    spec = body.to_spec(ctx.settings, chat_renderer(body.message_dicts()))
+    spec = body.to_spec(ctx.settings, chat_renderer)
     generation = start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

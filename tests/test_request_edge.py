@@ -1,0 +1,246 @@
+"""Bad input at the request edge, over a real server: strict types, bodies that are not JSON, typed conflicts,
+Last-Event-ID, bounded metrics labels, bounded chat messages rendered once, and OpenAI compatibility (model ids,
+GET /v1/models/{id}, refused tools/response_format, stream_options, special-token text in prompts)."""
+
+from __future__ import annotations
+
+import random
+import string
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import pocketgpt.app.jobs.manager as manager_module
+from pocketgpt.app.errors import APIError
+from pocketgpt.app.main import create_app
+from pocketgpt.app.schemas import ChatCompletionRequest
+from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import running_server
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint
+from pocketgpt.model.tokenizer import EOT
+from pocketgpt.model.vocab import add_token_rows
+from tests.admin_helpers import ADMIN, USER, make_app, make_settings, wait_job
+from tests.conftest import make_tiny_checkpoint
+
+FAKE = str(Path(__file__).with_name("fake_trainer.py"))
+SERVED = "run/best"  # the served checkpoint's id: CHECKPOINT_DIR/run/best
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("edge")
+    plain = load_checkpoint(make_tiny_checkpoint(root / "plain"))
+    template = ChatTemplate()
+    tok = plain.tokenizer.with_special_tokens(template.special_tokens)
+    model = add_token_rows(plain.model, plain.tokenizer.vocab_size, tok.vocab_size)
+    ckpt = save_checkpoint(root / "ckpt" / "run" / "best", model, tok, {"step": 0}, chat_template=template)
+    settings = make_settings(root, ckpt, max_body_bytes=1_000_000, max_new_tokens=8, sse_ping=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(manager_module, "DEFAULT_TRAINER_CMD", [sys.executable, FAKE, "train"])
+        mp.setenv("FAKE_STEP_S", "0.05")
+        with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+            yield client, tok
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+# -- item 10: strict types, NaN, Content-Type, typed 409 ----------------------------------------------------
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/generate", {"prompt": "hi", "max_new_tokens": "5"}, "max_new_tokens"),
+    ("/v1/generate", {"prompt": "hi", "stream": "yes"}, "stream"),
+    ("/v1/generate", {"prompt": "hi", "seed": 1.0}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "10"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "true"}},
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "3"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+])
+def test_wrong_types_are_422_not_coerced(server, path: str, body: dict, param: str) -> None:
+    client, _ = server
+    error = _error(client.post(path, headers=USER, json=body), 422)
+    assert error["param"] == param
+
+
+def test_integers_are_still_valid_floats(server) -> None:
+    client, _ = server
+    r = client.post("/v1/generate", headers=USER, json={"prompt": "hi", "temperature": 1, "top_p": 1,
+                                                        "max_new_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_say_so(server, number: str) -> None:
+    client, _ = server
+    r = client.post("/v1/generate", headers={**USER, "Content-Type": "application/json"},
+                    content=f'{{"prompt": "hi", "temperature": {number}}}')
+    error = _error(r, 422)
+    assert error["param"] == "temperature" and "finite" in error["message"], error
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", None])
+def test_a_body_that_is_not_json_names_the_content_type(server, ctype: str | None) -> None:
+    client, _ = server
+    headers = {**USER, **({"Content-Type": ctype} if ctype else {})}
+    r = client.post("/v1/generate", headers=headers, content=b'{"prompt": "hi"}')
+    error = _error(r, 422)
+    assert "Content-Type" in error["message"] and "application/json" in error["message"], error
+
+
+def test_conflicts_are_typed_as_client_errors(server) -> None:
+    client, _ = server
+    r = client.post("/admin/jobs", headers=ADMIN, json={"data": "stdlib", "preset": "tiny", "max_steps": 2})
+    job = wait_job(client, r.json()["id"], lambda j: j["status"] == "succeeded")["id"]
+    error = _error(client.post(f"/admin/jobs/{job}/cancel", headers=ADMIN), 409)
+    assert error["type"] == "conflict_error" and error["code"] == "job_not_cancellable"
+    # Any 4xx without its own type is the client's mistake, never `server_error`.
+    assert APIError(418, "teapot").type == "invalid_request_error"
+    assert APIError(507, "full").type == "server_error"
+
+
+# -- item 4: Last-Event-ID ----------------------------------------------------------------------------------
+def test_last_event_id_is_parsed_strictly(server) -> None:
+    client, _ = server
+    r = client.post("/admin/jobs", headers=ADMIN, json={"data": "stdlib", "preset": "tiny", "max_steps": 3})
+    job = r.json()["id"]
+    # "²" (sent as latin-1, as a raw HTTP header byte) is a digit to str.isdigit() but not to int(): it was a 500.
+    for bad in ["²".encode("latin-1"), b"-1", b"1e3", b"\xd9\xa3", b"9" * 40]:
+        error = _error(client.get(f"/admin/jobs/{job}/events", headers={**ADMIN, "Last-Event-ID": bad}), 422)
+        assert error["param"] == "Last-Event-ID", error
+    with client.stream("GET", f"/admin/jobs/{job}/events", headers={**ADMIN, "Last-Event-ID": "2"}) as r:
+        assert r.status_code == 200
+        ids = [int(line[3:]) for line in r.iter_lines() if line.startswith("id:")]
+    assert ids and min(ids) > 2  # resumed after event 2
+
+
+# -- item 5: bounded metric labels --------------------------------------------------------------------------
+def _series(client: httpx.Client) -> set[tuple]:
+    text = client.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))) for family in text_string_to_metric_families(text)
+            for s in family.samples}
+
+
+def test_random_methods_and_paths_add_no_metric_series(tiny_checkpoint: Path) -> None:
+    # h11, which passes any method token to the app (httptools refuses methods it does not know with a 400).
+    app = create_app(Settings(checkpoint=tiny_checkpoint, log_level="warning"))
+    with running_server(app, http="h11") as url, httpx.Client(base_url=url, timeout=30) as client:
+        _check_bounded_labels(client)
+
+
+def _check_bounded_labels(client: httpx.Client) -> None:
+    # The first odd method, unknown path and scrape create the labels they fall under.
+    client.request("PROPFIND", "/nowhere")
+    client.request("PROPFIND", "/healthz")
+    client.get("/healthz")
+    _series(client)
+    before = _series(client)
+    rng = random.Random(0)
+    for i in range(300):
+        method = "".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 12)))
+        r = client.request(method, f"/{method.lower()}/{i}" if i % 2 else "/healthz")
+        assert r.status_code in (404, 405)
+    client.request("X" * 8000, "/healthz")
+    after = _series(client)
+    assert after == before, sorted(after - before)[:5]
+    text = client.get("/metrics").text
+    assert 'method="other"' in text and "PROPFIND" not in text and len(text) < 100_000
+
+
+# -- item 6: bounded chat messages, rendered once ----------------------------------------------------------
+def test_a_huge_messages_list_is_422_naming_the_field(server) -> None:
+    client, _ = server
+    body = {"messages": [{"role": "user", "content": ""}] * 25_000}
+    error = _error(client.post("/v1/chat/completions", headers=USER, json=body), 422)
+    assert error["param"] == "messages"
+    body = {"messages": [{"role": "user", "content": "a"}] * 257}  # over POCKETGPT_MAX_MESSAGES (256)
+    error = _error(client.post("/v1/chat/completions", headers=USER, json=body), 422)
+    assert error["param"] == "messages" and "256" in error["message"], error
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 1000}]}
+    assert _error(client.post("/v1/chat/completions", headers=USER, json=parts), 422)["param"] == \
+        "messages.0.content"
+
+
+def test_messages_are_converted_and_rendered_once(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = server
+    calls = {"dicts": 0, "render": 0}
+    dicts, render = ChatCompletionRequest.message_dicts, ChatTemplate.render
+
+    def counted_dicts(self):
+        calls["dicts"] += 1
+        return dicts(self)
+
+    def counted_render(self, *args, **kwargs):
+        calls["render"] += 1
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatCompletionRequest, "message_dicts", counted_dicts)
+    monkeypatch.setattr(ChatTemplate, "render", counted_render)
+    body = {"messages": [{"role": "user", "content": "Hi"}] * 20, "max_tokens": 2}
+    assert client.post("/v1/chat/completions", headers=USER, json=body).status_code == 200
+    assert calls == {"dicts": 1, "render": 1}
+
+
+# -- item 11: OpenAI compatibility ------------------------------------------------------------------------
+def _sdk(client: httpx.Client) -> openai.OpenAI:
+    base = str(client.base_url).rstrip("/")
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=USER["Authorization"][7:], max_retries=0, timeout=30)
+
+
+def test_models_retrieve_and_unknown_models(server) -> None:
+    client, _ = server
+    sdk = _sdk(client)
+    assert [m.id for m in sdk.models.list().data] == [SERVED]
+    assert sdk.models.retrieve(SERVED).id == SERVED  # the id holds a "/": /v1/models/run/best
+    assert sdk.models.retrieve("run").id == SERVED  # a run's best checkpoint also answers to the run's name
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.models.retrieve("gpt-4o")
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="run/last", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert sdk.completions.create(model=SERVED, prompt="hi", max_tokens=2).model == SERVED
+    assert sdk.chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2).model == SERVED
+    # Without `model` (the README's curl examples) the served model answers.
+    assert client.post("/v1/completions", headers=USER, json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("extra", "status", "param"), [
+    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"functions": [{"name": "f"}]}, 400, "functions"),
+    ({"tool_choice": "auto"}, 400, "tool_choice"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"stream_options": {"include_usage": True}, "stream": False}, 400, "stream_options"),
+])
+def test_unsupported_openai_fields_are_refused(server, path: str, extra: dict, status: int, param: str) -> None:
+    client, _ = server
+    base = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    error = _error(client.post(path, headers=USER, json={**base, "max_tokens": 2, **extra}), status)
+    assert error["param"] == param
+
+
+def test_text_response_format_and_no_tools_are_fine(server) -> None:
+    client, _ = server
+    body = {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "text"}, "tool_choice": "none"}
+    assert client.post("/v1/completions", headers=USER, json=body).status_code == 200
+
+
+def test_special_token_text_in_a_prompt_is_plain_text(server) -> None:
+    client, tok = server
+    prompt = f"The end{EOT}The start"
+    r = client.post("/v1/generate", headers=USER, json={"prompt": prompt, "max_new_tokens": 1, "temperature": 0})
+    plain = tok.encode(prompt, allow_special=False)
+    assert tok.eot_id not in plain
+    assert r.json()["usage"]["prompt_tokens"] == len(plain) != len(tok.encode(prompt))
