@@ -244,3 +244,15 @@ def test_special_token_text_in_a_prompt_is_plain_text(server) -> None:
     plain = tok.encode(prompt, allow_special=False)
     assert tok.eot_id not in plain
     assert r.json()["usage"]["prompt_tokens"] == len(plain) != len(tok.encode(prompt))
+
+
+# -- item 3: temperatures and penalties that underflow float32 ------------------------------------------------
+def test_a_tiny_temperature_answers_like_greedy(server) -> None:
+    client, _ = server
+    body = {"prompt": "The quick", "max_new_tokens": 8}
+    greedy = client.post("/v1/generate", headers=USER, json={**body, "temperature": 0}).json()["text"]
+    for temperature in (1e-39, 1e-45):
+        r = client.post("/v1/generate", headers=USER, json={**body, "temperature": temperature, "seed": 1})
+        assert r.json()["text"] == greedy, temperature
+    error = _error(client.post("/v1/generate", headers=USER, json={**body, "repetition_penalty": 1e-46}), 422)
+    assert error["param"] == "repetition_penalty"
