@@ -256,3 +256,16 @@ def test_a_tiny_temperature_answers_like_greedy(server) -> None:
         assert r.json()["text"] == greedy, temperature
     error = _error(client.post("/v1/generate", headers=USER, json={**body, "repetition_penalty": 1e-46}), 422)
     assert error["param"] == "repetition_penalty"
+
+
+# -- item 9: uploads that are not a complete text file ------------------------------------------------------
+def test_cut_off_multipart_and_binary_uploads_are_refused_by_name(server) -> None:
+    client, _ = server
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nsome text\n'
+    headers = {**ADMIN, "Content-Type": "multipart/form-data; boundary=B"}
+    error = _error(client.post("/admin/datasets", headers=headers, content=head), 400)
+    assert error["code"] == "incomplete_multipart" and "incomplete" in error["message"]
+    error = _error(client.post("/admin/datasets", headers=ADMIN, files={"file": ("x.bin", b"\x7fELF\x02\x01\x00")}),
+                   422)
+    assert error["code"] == "not_text" and error["param"] == "file" and "not UTF-8 text" in error["message"]
+    assert client.post("/admin/datasets", headers=headers, content=head + b"\r\n--B--\r\n").status_code == 201

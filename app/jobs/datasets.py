@@ -2,12 +2,15 @@
 
 An upload is parsed as it arrives (python-multipart's push parser) and written straight to a temp file next to
 its final place, so memory stays flat and an oversized upload is refused after at most `limit` bytes of it were
-read. The stored file is `DATA_DIR/datasets/<id>.<ext>`; the original filename is kept only as a label.
+read. The file must be UTF-8 text (no NUL bytes; checked as it streams) and the multipart body must end with its
+closing boundary (a cut-off body is not a dataset). The stored file is `DATA_DIR/datasets/<id>.<ext>`; the
+original filename is kept only as a label.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import os
 import re
@@ -38,9 +41,15 @@ class UploadTooLarge(Exception):
 class UploadInvalid(Exception):
     """The request is not a usable multipart upload with a `file` field (HTTP 400/422)."""
 
-    def __init__(self, message: str, param: str | None = "file") -> None:
+    def __init__(self, message: str, param: str | None = "file", code: str = "invalid_upload") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+def _not_text(why: str) -> UploadInvalid:
+    return UploadInvalid(f"the file is not UTF-8 text ({why}); upload a UTF-8 text or JSONL corpus",
+                         code="not_text")
 
 
 class DataPathError(ValueError):
@@ -69,11 +78,20 @@ class _FilePart:
         self.size = self.newlines = 0
         self.last_byte = b""
         self.sha = hashlib.sha256()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("strict")  # a character may span two chunks
 
     def write(self, data: bytes) -> None:
+        offset = self.size
         self.size += len(data)
         if self.size > self.limit:
             raise UploadTooLarge(self.limit)
+        nul = data.find(b"\0")
+        if nul >= 0:
+            raise _not_text(f"a NUL byte at offset {offset + nul}: binary data")
+        try:
+            self.utf8.decode(data)
+        except UnicodeDecodeError as e:
+            raise _not_text(f"invalid UTF-8 near offset {max(0, offset + e.start)}") from None
         self.fh.write(data)
         self.sha.update(data)
         self.newlines += data.count(b"\n")
@@ -84,6 +102,10 @@ class _FilePart:
         return self.newlines + (1 if self.size and self.last_byte != b"\n" else 0)
 
     def finish(self) -> None:
+        try:
+            self.utf8.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise _not_text("it ends inside a multi-byte character") from None
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
@@ -104,13 +126,14 @@ class _UploadParser:
         self._disposition = b""
         self._current: _FilePart | None = None
         self._pending: list[bytes] = []
+        self.ended = False  # the closing boundary was read
 
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self._part_begin, "on_part_data": self._part_data,
             "on_header_field": self._header_field, "on_header_value": self._header_value_cb,
             "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_part_end": self._part_end,
+            "on_part_end": self._part_end, "on_end": self._end,
         }
 
     def _part_begin(self) -> None:
@@ -140,6 +163,9 @@ class _UploadParser:
 
     def _part_end(self) -> None:
         self._current = None
+
+    def _end(self) -> None:
+        self.ended = True
 
 
 async def save_upload(
@@ -171,6 +197,10 @@ async def save_upload(
             # Parsing and writing a chunk is quick (page cache); a thread keeps a slow disk off the event loop.
             await asyncio.to_thread(parser.write, chunk)
         parser.finalize()
+        if not handler.ended:  # python-multipart's finalize() does not check this itself
+            raise UploadInvalid("the multipart body is incomplete: it ends before its closing boundary "
+                                f"(--{params[b'boundary'].decode('latin-1')[:70]}--)", param=None,
+                                code="incomplete_multipart")
         if handler.part is None:
             raise UploadInvalid(f"the multipart body has no `{field}` file field")
         if handler.part.size == 0:

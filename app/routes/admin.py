@@ -177,7 +177,7 @@ async def upload_dataset(request: Request, manager: JobManager = Depends(get_man
     except UploadTooLarge as e:
         raise APIError(413, str(e), param="file", code="upload_too_large") from None
     except UploadInvalid as e:
-        raise APIError(422 if e.param else 400, str(e), param=e.param, code="invalid_upload") from None
+        raise APIError(422 if e.param else 400, str(e), param=e.param, code=e.code) from None
     return JSONResponse({"object": "dataset", **ds.to_dict()}, status_code=201,
                         headers={"Location": f"/admin/datasets/{ds.id}"})
 
