@@ -4,7 +4,9 @@ GET /v1/models/{id}, refused tools/response_format, stream_options, special-toke
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import string
 import sys
 from pathlib import Path
@@ -32,8 +34,12 @@ SERVED = "run/best"  # the served checkpoint's id: CHECKPOINT_DIR/run/best
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("edge")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("edge")
+
+
+@pytest.fixture(scope="module")
+def server(root: Path):
     plain = load_checkpoint(make_tiny_checkpoint(root / "plain"))
     template = ChatTemplate()
     tok = plain.tokenizer.with_special_tokens(template.special_tokens)
@@ -269,3 +275,64 @@ def test_cut_off_multipart_and_binary_uploads_are_refused_by_name(server) -> Non
                    422)
     assert error["code"] == "not_text" and error["param"] == "file" and "not UTF-8 text" in error["message"]
     assert client.post("/admin/datasets", headers=headers, content=head + b"\r\n--B--\r\n").status_code == 201
+
+
+# -- item 7: symlinks inside the allowed roots that lead outside ------------------------------------------------
+def test_a_data_folder_holding_a_link_outside_is_refused(server, root: Path) -> None:
+    client, _ = server
+    (root / "secret.txt").write_text("top secret\n" * 100)
+    folder = root / "data" / "corpus"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("plain text\n" * 100)
+    (root / "data" / "other.txt").write_text("more text\n" * 100)
+    os.symlink(root / "data" / "other.txt", folder / "inside.txt")  # a link that stays in the root is fine
+    r = client.post("/admin/jobs", headers=ADMIN, json={"data": "corpus", "preset": "tiny", "max_steps": 1})
+    assert r.status_code == 202, r.text
+    (folder / "deep").mkdir()
+    os.symlink(root / "secret.txt", folder / "deep" / "leak.txt")
+    error = _error(client.post("/admin/jobs", headers=ADMIN, json={"data": ["corpus"], "preset": "tiny"}), 422)
+    assert error["param"] == "data" and "deep/leak.txt" in error["message"], error
+    os.symlink(root / "nowhere", folder / "dangling.txt")
+    os.unlink(folder / "deep" / "leak.txt")
+    assert _error(client.post("/admin/jobs", headers=ADMIN, json={"data": "corpus"}), 422)["param"] == "data"
+    os.unlink(folder / "dangling.txt")
+
+
+def test_a_link_planted_while_a_job_waits_stops_it_at_start(server, root: Path) -> None:
+    client, _ = server
+    folder = root / "data" / "queued"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("plain text\n" * 100)
+    busy = client.post("/admin/jobs", headers=ADMIN, json={"data": "stdlib", "max_steps": 400}).json()["id"]
+    waiting = client.post("/admin/jobs", headers=ADMIN, json={"data": "queued", "max_steps": 1}).json()["id"]
+    assert wait_job(client, waiting, lambda j: True)["status"] == "queued"  # MAX_CONCURRENT_JOBS is 1
+    (root / "secret2.txt").write_text("top secret\n")
+    os.symlink(root / "secret2.txt", folder / "leak.txt")
+    client.post(f"/admin/jobs/{busy}/cancel", headers=ADMIN)
+    job = wait_job(client, waiting, lambda j: j["status"] not in ("queued", "running"))
+    assert job["status"] == "failed" and "leak.txt" in job["error"] and "refused to start" in job["error"]
+    assert not (Path(job["run_dir"]) / "metrics.jsonl").exists()  # the trainer never ran
+
+
+def test_a_checkpoint_whose_files_link_outside_is_not_loaded(server, root: Path) -> None:
+    client, _ = server
+    outside = make_tiny_checkpoint(root / "elsewhere" / "ckpt")
+    linked = root / "ckpt" / "linked"
+    shutil.copytree(root / "ckpt" / "run" / "best", linked)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "meta.json"):
+        target = linked / name
+        saved = target.read_bytes()
+        target.unlink()
+        os.symlink(outside / name, target)
+        for body in ({"checkpoint": "linked"},):
+            error = _error(client.post("/admin/model", headers=ADMIN, json=body), 422)
+            assert error["param"] == "checkpoint" and name in error["message"], error
+        error = _error(client.post("/admin/jobs", headers=ADMIN, json={"data": "stdlib", "init_from": "linked"}),
+                       422)
+        assert error["param"] == "init_from" and name in error["message"]
+        target.unlink()
+        target.write_bytes(saved)
+    assert client.get("/admin/model", headers=ADMIN).json()["checkpoint"] == SERVED  # still the same model
+    r = client.post("/admin/model", headers=ADMIN, json={"checkpoint": "linked"})  # whole again: loads
+    assert r.status_code == 200, r.text
+    assert client.post("/admin/model", headers=ADMIN, json={"checkpoint": SERVED}).status_code == 200

@@ -242,24 +242,53 @@ def _inside(root: Path, name: str, what: str) -> Path:
     return resolved
 
 
+def check_links(path: Path, root: Path, what: str) -> None:
+    """Refuse (DataPathError) a file or folder that holds a symlink whose target is outside `root`: the trainer
+    and the checkpoint loader open what they find inside, so a link to /etc/passwd in a data folder, or a
+    checkpoint whose model.safetensors links elsewhere, would be read although its name is inside the root.
+    Links that stay inside the root are fine. Called when a job is submitted, again when it starts, and before a
+    checkpoint is loaded."""
+    root = root.resolve()
+    entries = [path]
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):  # a linked folder is listed, not entered
+            entries += [Path(dirpath, name) for name in (*dirnames, *filenames)]
+    for entry in entries:
+        if not entry.is_symlink():
+            continue
+        try:
+            inside = entry.resolve(strict=True).is_relative_to(root)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            inside = False
+        if not inside:
+            shown = entry.relative_to(root) if entry.is_relative_to(root) else entry
+            raise DataPathError(f"{what} holds {str(shown)!r}, a symbolic link to a place outside {root}; "
+                                "only files inside it are read")
+
+
 def resolve_data_source(source: str, store: JobStore, data_dir: Path) -> str:
-    """A job's `data` entry as the trainer argument: `stdlib`, or an absolute path inside the data root."""
+    """A job's `data` entry as the trainer argument: `stdlib`, or an absolute path inside the data root (refused
+    when it is, or holds, a symlink leaving the root)."""
     if source == STDLIB:
         return STDLIB
     if DATASET_ID.match(source):
         ds = store.get_dataset(source)
         if ds is None:
             raise DataPathError(f"no dataset with id {source!r}", missing=True)
-        return str(_inside(data_dir, ds.path, "dataset"))
-    if any(c in source for c in "*?["):
+        path = _inside(data_dir, ds.path, "dataset")
+    elif any(c in source for c in "*?["):
         # The trainer expands glob patterns; a pattern is not a path we can confine, so name files or folders.
         raise DataPathError(f"data path {source!r} may not contain glob characters (*, ?, [)")
-    return str(_inside(data_dir, source, "data path"))
+    else:
+        path = _inside(data_dir, source, "data path")
+    check_links(path, data_dir, f"data path {source!r}")
+    return str(path)
 
 
 def resolve_checkpoint_name(name: str, checkpoint_dir: Path) -> Path:
     """A checkpoint named relative to the checkpoint root, as a directory inside it holding a config.json."""
     path = _inside(checkpoint_dir, name, "checkpoint")
+    check_links(path, checkpoint_dir, f"checkpoint {name!r}")
     if not (path / "config.json").is_file():
         raise DataPathError(f"checkpoint {name!r} is not a checkpoint directory (no config.json)")
     return path

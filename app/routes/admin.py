@@ -23,6 +23,7 @@ from pocketgpt.app.jobs.datasets import (
     DataPathError,
     UploadInvalid,
     UploadTooLarge,
+    check_links,
     resolve_checkpoint_name,
     resolve_data_source,
     save_upload,
@@ -84,8 +85,8 @@ def _job_response(job, status_code: int) -> JSONResponse:
 async def create_job(body: JobRequest, request: Request, manager: JobManager = Depends(get_manager)):
     """Queue a training job; answers 202 with the job and its URL (also in `Location`)."""
     data_dir = request.app.state.settings.data_dir
-    try:
-        data = [resolve_data_source(s, manager.store, data_dir) for s in body.data]
+    try:  # in a thread: a data folder is walked for symlinks that leave the data root
+        data = await asyncio.to_thread(lambda: [resolve_data_source(s, manager.store, data_dir) for s in body.data])
     except DataPathError as e:
         raise APIError(422, str(e), param="data", code="invalid_data") from None
     init_from = None
@@ -199,16 +200,18 @@ async def get_dataset(dataset_id: str, manager: JobManager = Depends(get_manager
 
 # -- checkpoints and the served model -----------------------------------------------------------------------
 def _checkpoint_dir(manager: JobManager, name: str, param: str, missing_status: int = 404):
-    """A checkpoint directory from a name under the checkpoint root, or a job id (its best, else last)."""
+    """A checkpoint directory from a name under the checkpoint root, or a job id (its best, else last); refused
+    (422) when it holds a symlink leaving the root."""
     job = manager.store.get_job(name)
-    if job is not None:
+    try:
+        if job is None:
+            return resolve_checkpoint_name(name, manager.checkpoint_dir)
         path = manager.checkpoint_path(job)
         if path is None:
             raise APIError(missing_status, f"Job {name!r} has no checkpoint yet.", param=param,
                            code="checkpoint_not_found")
+        check_links(path, manager.checkpoint_dir, f"checkpoint {name!r}")
         return path
-    try:
-        return resolve_checkpoint_name(name, manager.checkpoint_dir)
     except DataPathError as e:
         status = missing_status if e.missing else 422
         raise APIError(status, str(e), param=param, code="invalid_checkpoint") from None
