@@ -5,8 +5,9 @@ decodes back exactly. Decoding is done here from a precomputed id -> bytes table
 the library's decoder, so that whole-sequence decoding and streaming decoding are the same
 byte concatenation followed by the same UTF-8 decoding, and cannot disagree.
 
-Note: a literal "<|endoftext|>" in input text is encoded as the special EOT id (the library's
-default for special tokens). Callers that must not allow that should strip it from user text.
+Note: by default a literal "<|endoftext|>" in input text is encoded as the special EOT id (the
+library's default for special tokens, which training data relies on). Untrusted text (the server's
+prompts and chat messages) is encoded with `allow_special=False`: there it is plain text.
 """
 
 from __future__ import annotations
