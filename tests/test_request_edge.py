@@ -4,11 +4,13 @@ GET /v1/models/{id}, refused tools/response_format, stream_options, special-toke
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
 import string
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -336,3 +338,15 @@ def test_a_checkpoint_whose_files_link_outside_is_not_loaded(server, root: Path)
     r = client.post("/admin/model", headers=ADMIN, json={"checkpoint": "linked"})  # whole again: loads
     assert r.status_code == 200, r.text
     assert client.post("/admin/model", headers=ADMIN, json={"checkpoint": SERVED}).status_code == 200
+
+
+def test_access_log_lines_cannot_be_forged(server, caplog: pytest.LogCaptureFixture) -> None:
+    """A path with an encoded newline and quote stays on its one escaped log line."""
+    client, _ = server
+    with caplog.at_level(logging.INFO, logger="pocketgpt.access"):
+        client.get('/x%0Arid=forged "GET /admin" 200%22', headers={"X-Request-ID": "forge-test"})
+        deadline = time.monotonic() + 2
+        while not any("forge-test" in m for m in caplog.messages) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    line = next(m for m in caplog.messages if "rid=forge-test" in m)
+    assert "\n" not in line and line.count('"') == 2 and "\\n" in line, line
