@@ -54,6 +54,30 @@ def model_names(served: str) -> tuple[str, ...]:
     return (served, run) if run and leaf in ("best", "last") else (served,)
 
 
+# What `prepare` computed for one engine: (engine, (prompt ids, extra stop ids, healed bytes)).
+Prepared = tuple[Engine, tuple[list[int], tuple[int, ...], bytes]]
+
+
+def encode_prompt(engine: Engine, spec: GenerationSpec) -> tuple[list[int], tuple[int, ...], bytes]:
+    """Prompt ids for `engine` (rendered chat messages, or the text prompt), extra stop ids, and healed bytes."""
+    if spec.render:
+        ids, stop_ids = spec.render(engine)
+        return ids, stop_ids, b""
+    # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
+    ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt, allow_special=False))
+    return ids, (), heal
+
+
+async def prepare(holder: EngineHolder, spec: GenerationSpec) -> Prepared | None:
+    """Tokenize `spec` for the current engine in a worker thread, so a long prompt or conversation does not stall
+    the event loop (and the other streams); `Generation.start` uses it unless a swap changed the engine since."""
+    engine = holder.current
+    if engine is None:
+        return None
+    check_model(spec.model, engine.name)  # a 404 needs no tokenizing
+    return engine, await asyncio.to_thread(encode_prompt, engine, spec)
+
+
 def check_model(requested: str | None, served: str) -> None:
     """404 `model_not_found` (OpenAI's and vLLM's answer) unless `requested` is absent or names the served model."""
     if requested is not None and requested not in model_names(served):
@@ -116,8 +140,9 @@ class Generation:
 
     @classmethod
     def start(cls, holder: EngineHolder, spec: GenerationSpec, *, timeout: float | None = None,
-              metrics: Metrics | None = None, retry_after: int = 1) -> Generation:
-        """Tokenize for the current model, check the context length and admit; raises APIError.
+              metrics: Metrics | None = None, retry_after: int = 1, prepared: Prepared | None = None) -> Generation:
+        """Tokenize for the current model (or take `prepared`, see `prepare`), check the context length and
+        admit; raises APIError.
 
         429 (queue full) carries `Retry-After: retry_after`; 503 means no model is loaded.
         """
@@ -127,13 +152,10 @@ class Generation:
             if engine is None:
                 raise APIError(503, "the model is not loaded yet", code="model_not_ready")
             check_model(spec.model, engine.name)
-            heal = b""
-            if spec.render:
-                ids, stop_ids = spec.render(engine)
+            if prepared is not None and prepared[0] is engine:
+                ids, stop_ids, heal = prepared[1]
             else:
-                # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
-                ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt, allow_special=False))
-                stop_ids = ()
+                ids, stop_ids, heal = encode_prompt(engine, spec)
             n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
             if spec.clip_to_context and n < limit:
                 m = min(m, limit - n)

@@ -10,6 +10,7 @@ import random
 import shutil
 import string
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pocketgpt.app.settings import Settings
 from pocketgpt.app.testing import running_server
 from pocketgpt.model.chat import ChatTemplate
 from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint
-from pocketgpt.model.tokenizer import EOT
+from pocketgpt.model.tokenizer import EOT, Tokenizer
 from pocketgpt.model.vocab import add_token_rows
 from tests.admin_helpers import ADMIN, USER, make_app, make_settings, wait_job
 from tests.conftest import make_tiny_checkpoint
@@ -350,3 +351,27 @@ def test_access_log_lines_cannot_be_forged(server, caplog: pytest.LogCaptureFixt
             time.sleep(0.01)
     line = next(m for m in caplog.messages if "rid=forge-test" in m)
     assert "\n" not in line and line.count('"') == 2 and "\\n" in line, line
+
+
+def test_prompts_and_conversations_are_tokenized_off_the_event_loop(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's event loop runs in the "uvicorn" thread (app/testing.py); tokenizing happens in another."""
+    client, _ = server
+    threads: list[str] = []
+    encode, render = Tokenizer.encode, ChatTemplate.render
+
+    def recorded_encode(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return encode(self, *args, **kwargs)
+
+    def recorded_render(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", recorded_encode)
+    monkeypatch.setattr(ChatTemplate, "render", recorded_render)
+    assert client.post("/v1/generate", headers=USER, json={"prompt": "The quick brown fox", "max_new_tokens": 1}
+                       ).status_code == 200
+    assert client.post("/v1/completions", headers=USER, json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+    body = {"messages": [{"role": "user", "content": "Hi"}] * 3, "max_tokens": 1}
+    assert client.post("/v1/chat/completions", headers=USER, json=body).status_code == 200
+    assert threads and "uvicorn" not in threads, threads

@@ -79,7 +79,7 @@ def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[Server
 async def completions(body: CompletionRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
     """OpenAI legacy completions for one prompt."""
     spec = body.to_spec(ctx.settings)
-    generation = start_generation(ctx, spec, request)
+    generation = await start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_chunks(generation, include_usage), ping=ping_interval(ctx.settings.sse_ping))
