@@ -37,7 +37,8 @@ def _printable(text: str, limit: int) -> str:
     """Client-controlled text for a log line: at most `limit` characters, no spaces, quotes or control
     characters (a path with an encoded newline must not forge a second log line)."""
     cut = text[:limit] + ("..." if len(text) > limit else "")
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode() or "?", cut.replace('"', "%22"))
+    cut = cut.replace('"', "%22").replace(" ", "%20")
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), cut)
 
 
 class BodyLimitMiddleware:

@@ -251,8 +251,7 @@ class ChatCompletionChunk(BaseModel):
 
 _MODELS: list[type[BaseModel]] = [
     ErrorResponse, GenerateResponse, CompletionResponse, ChatCompletionResponse, ModelCard, ModelList, Health, Ready,
-    Info,
-    Job, JobList, Dataset, DatasetList, CheckpointList, ServedModel, TokenEvent, CompletionChunk,
+    Info, Job, JobList, Dataset, DatasetList, CheckpointList, ServedModel, TokenEvent, CompletionChunk,
     ChatCompletionChunk,
 ]
 

@@ -350,7 +350,7 @@ def test_access_log_lines_cannot_be_forged(server, caplog: pytest.LogCaptureFixt
         while not any("forge-test" in m for m in caplog.messages) and time.monotonic() < deadline:
             time.sleep(0.01)
     line = next(m for m in caplog.messages if "rid=forge-test" in m)
-    assert "\n" not in line and line.count('"') == 2 and "\\n" in line, line
+    assert "\n" not in line and line.count('"') == 2 and "\\n" in line and "forged%20%22GET" in line, line
 
 
 def test_prompts_and_conversations_are_tokenized_off_the_event_loop(server, monkeypatch: pytest.MonkeyPatch) -> None:
