@@ -173,3 +173,27 @@ def test_checkpoint_names_are_confined_to_the_root(tmp_path: Path, tiny_checkpoi
         resolve_checkpoint_name("empty", root)
     shutil.copytree(tiny_checkpoint, root / "runs" / "tiny")
     assert resolve_checkpoint_name("runs/tiny", root) == (root / "runs" / "tiny").resolve()
+
+
+def test_check_links_refuses_links_that_leave_the_root(tmp_path: Path) -> None:
+    from pocketgpt.app.jobs.datasets import check_links
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "ok" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "ok" / "a.txt").write_text("a")
+    (root / "ok" / "sub" / "b.txt").write_text("b")
+    os.symlink(root / "ok" / "a.txt", root / "ok" / "sub" / "again.txt")  # stays inside: fine
+    check_links(root / "ok", root, "folder")
+    cases = {
+        "file": lambda d: os.symlink(outside, d / "x.txt"),
+        "folder": lambda d: os.symlink(outside, d / "linked-dir"),  # listed though not entered
+        "dangling": lambda d: os.symlink(root / "gone", d / "x.txt"),
+        "loop": lambda d: (os.symlink(d / "l2", d / "l1"), os.symlink(d / "l1", d / "l2")),
+    }
+    for name, plant in cases.items():
+        folder = root / name / "deep"
+        folder.mkdir(parents=True)
+        plant(folder)
+        with pytest.raises(DataPathError, match="symbolic link"):
+            check_links(root / name, root, name)
