@@ -133,7 +133,9 @@ def test_the_header_deadline_works_with_h11_too(tmp_path: Path, tiny_checkpoint:
         with raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") as sock:
             answer = b""
             while not answer.endswith(b'{"status":"ok"}'):  # head and body may come in separate reads
-                answer += sock.recv(65536)
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
             assert answer.startswith(b"HTTP/1.1 200 ")
             sock.sendall(b"GET /heal")
             data, waited = read_until_closed(sock)
