@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from pocketgpt.app.engine.holder import EngineHolder
-from pocketgpt.app.generation import Generation, GenerationSpec
+from pocketgpt.app.generation import Generation, GenerationSpec, prepare
 from pocketgpt.app.metrics import Metrics
 from pocketgpt.app.settings import Settings
 
@@ -37,10 +37,11 @@ def watch_disconnect(request: Request) -> asyncio.Future[None]:
     return asyncio.ensure_future(wait())
 
 
-def start_generation(ctx: AppContext, spec: GenerationSpec, request: Request) -> Generation:
-    """Admit `spec` with this app's limits (raises APIError: 422/429/503) and attach it to the request,
-    where the access log reads its tokens and timings."""
+async def start_generation(ctx: AppContext, spec: GenerationSpec, request: Request) -> Generation:
+    """Tokenize `spec` off the event loop, admit it with this app's limits (raises APIError: 404/422/429/503) and
+    attach it to the request, where the access log reads its tokens and timings."""
+    prepared = await prepare(ctx.holder, spec)
     generation = Generation.start(ctx.holder, spec, timeout=ctx.settings.request_timeout, metrics=ctx.metrics,
-                                  retry_after=ctx.settings.retry_after)
+                                  retry_after=ctx.settings.retry_after, prepared=prepared)
     request.state.generation = generation
     return generation

@@ -14,20 +14,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-# HTTP status -> OpenAI-style error type, for errors raised without an explicit type.
+# HTTP status -> OpenAI-style error type, for errors raised without an explicit type. Other 4xx statuses are
+# `invalid_request_error` and other 5xx `server_error` (see `error_type`): a client's mistake is never typed as the
+# server's.
 ERROR_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
     429: "overloaded_error",
-    500: "server_error",
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+def error_type(status: int) -> str:
+    """The error type for `status` (ERROR_TYPES, else by status class)."""
+    return ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "server_error")
 
 
 class APIError(Exception):
@@ -46,7 +50,7 @@ class APIError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or ERROR_TYPES.get(status, "server_error")
+        self.type = type or error_type(status)
         self.param = param
         self.code = code
         self.headers = headers or {}
@@ -66,6 +70,14 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
+class BodyTimeout(StarletteHTTPException):
+    """Raised when a client does not send its body in time (408; the connection is closed after the answer)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {seconds:g} seconds "
+                         "(POCKETGPT_BODY_TIMEOUT)", headers={"Connection": "close"})
+
+
 def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -78,17 +90,38 @@ def _field_loc(error: dict[str, Any]) -> list[str]:
     """The field an error is about: without the location kind ("body") and without the union member pydantic
     tried ("stop.constrained-str", "prompt.str"), which is not a field of the request."""
     loc = [str(p) for p in error.get("loc", ())]
-    if loc and loc[0] in ("body", "query", "path", "header"):
+    if loc and loc[0] in ("query", "path", "header"):
+        return loc[1:2]  # a parameter's name, e.g. "Last-Event-ID"
+    if loc and loc[0] == "body":
         loc = loc[1:]
     return [p for p in loc if not _UNION_TAG.search(p) and p not in _TYPE_NAMES]
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+_NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+
+
+def _body_not_json(error: dict[str, Any], content_type: str | None) -> APIError | None:
+    """A body that is not a JSON object, said in terms of what to send (FastAPI does not parse a body whose
+    Content-Type is not JSON, so the model then sees bytes or a string)."""
+    if tuple(error.get("loc", ())) != ("body",) or error.get("type") not in _NOT_AN_OBJECT:
+        return None
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        sent = f"Content-Type {media!r}" if media else "no Content-Type"
+        return APIError(422, f"the request body must be JSON sent with Content-Type: application/json (this "
+                        f"request has {sent})", code="invalid_content_type")
+    return APIError(422, "the request body must be a JSON object", code="invalid_body")
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
     """The first validation problem, naming its field in `param` (e.g. "temperature" or "stop.1")."""
     errors = exc.errors()
     if not errors:
         return APIError(422, "invalid request")
     first = errors[0]
+    not_json = _body_not_json(first, content_type)
+    if not_json is not None:
+        return not_json
     loc = _field_loc(first)
     # A value that fits no member of a union gets one error per member; the member of the value's own type says
     # what is wrong ("at most 4 items"), the others only that it is not their type.
@@ -115,11 +148,12 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return validation_error(exc).response()
+    return validation_error(exc, request.headers.get("content-type")).response()
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
+             413: "body_too_large"}
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"no route for {request.method} {request.url.path}"

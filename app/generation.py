@@ -44,6 +44,45 @@ class GenerationSpec:
     max_tokens_param: str = "max_new_tokens"  # the field name to blame when the context overflows
     render: PromptRenderer | None = None  # None: the prompt is `prompt`, encoded as text
     clip_to_context: bool = False  # lower max_new_tokens to the room the prompt leaves (max_tokens not given)
+    model: str | None = None  # the model the client named (OpenAI routes); None: whichever is served
+
+
+def model_names(served: str) -> tuple[str, ...]:
+    """The names a served model answers to: its id, and for a run's `best`/`last` checkpoint (`starter/best`)
+    the run's name too (`starter`), the name people use for it."""
+    run, _, leaf = served.rpartition("/")
+    return (served, run) if run and leaf in ("best", "last") else (served,)
+
+
+# What `prepare` computed for one engine: (engine, (prompt ids, extra stop ids, healed bytes)).
+Prepared = tuple[Engine, tuple[list[int], tuple[int, ...], bytes]]
+
+
+def encode_prompt(engine: Engine, spec: GenerationSpec) -> tuple[list[int], tuple[int, ...], bytes]:
+    """Prompt ids for `engine` (rendered chat messages, or the text prompt), extra stop ids, and healed bytes."""
+    if spec.render:
+        ids, stop_ids = spec.render(engine)
+        return ids, stop_ids, b""
+    # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
+    ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt, allow_special=False))
+    return ids, (), heal
+
+
+async def prepare(holder: EngineHolder, spec: GenerationSpec) -> Prepared | None:
+    """Tokenize `spec` for the current engine in a worker thread, so a long prompt or conversation does not stall
+    the event loop (and the other streams); `Generation.start` uses it unless a swap changed the engine since."""
+    engine = holder.current
+    if engine is None:
+        return None
+    check_model(spec.model, engine.name)  # a 404 needs no tokenizing
+    return engine, await asyncio.to_thread(encode_prompt, engine, spec)
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """404 `model_not_found` (OpenAI's and vLLM's answer) unless `requested` is absent or names the served model."""
+    if requested is not None and requested not in model_names(served):
+        raise APIError(404, f"The model {requested[:200]!r} does not exist: this server serves {served!r} "
+                       "(see GET /v1/models).", type="invalid_request_error", param="model", code="model_not_found")
 
 
 @dataclass
@@ -106,8 +145,9 @@ class Generation:
 
     @classmethod
     def start(cls, holder: EngineHolder, spec: GenerationSpec, *, timeout: float | None = None,
-              metrics: Metrics | None = None, retry_after: int = 1) -> Generation:
-        """Tokenize for the current model, check the context length and admit; raises APIError.
+              metrics: Metrics | None = None, retry_after: int = 1, prepared: Prepared | None = None) -> Generation:
+        """Tokenize for the current model (or take `prepared`, see `prepare`), check the context length and
+        admit; raises APIError.
 
         429 (queue full) carries `Retry-After: retry_after`; 503 means no model is loaded.
         """
@@ -116,12 +156,11 @@ class Generation:
             engine = holder.current
             if engine is None:
                 raise APIError(503, "the model is not loaded yet", code="model_not_ready")
-            heal = b""
-            if spec.render:
-                ids, stop_ids = spec.render(engine)
+            check_model(spec.model, engine.name)
+            if prepared is not None and prepared[0] is engine:
+                ids, stop_ids, heal = prepared[1]
             else:
-                ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt))
-                stop_ids = ()
+                ids, stop_ids, heal = encode_prompt(engine, spec)
             n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
             if spec.clip_to_context and n < limit:
                 m = min(m, limit - n)

@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     playground.install(app)  # GET / and /static/*: the browser playground, open like /healthz
     install_openapi(app)  # the error envelope, SSE and security, as served (app/openapi.py)
     # add_middleware wraps: the last added runs first. Access (ids, logs) sees everything, 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout,
                        prefix_limits={"/admin/datasets": None})  # uploads stream to disk under their own limit
     if settings.cors_origins:  # closed by default: no CORS headers unless POCKETGPT_CORS_ORIGINS names origins
         app.add_middleware(EnvelopeCORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,

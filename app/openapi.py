@@ -261,8 +261,8 @@ class ChatCompletionChunk(BaseModel):
 
 
 _MODELS: list[type[BaseModel]] = [
-    ErrorResponse, GenerateResponse, CompletionResponse, ChatCompletionResponse, ModelList, Health, Ready, Info,
-    Job, JobList, Dataset, DatasetList, CheckpointList, ServedModel, TokenEvent, CompletionChunk,
+    ErrorResponse, GenerateResponse, CompletionResponse, ChatCompletionResponse, ModelCard, ModelList, Health, Ready,
+    Info, Job, JobList, Dataset, DatasetList, CheckpointList, ServedModel, TokenEvent, CompletionChunk,
     ChatCompletionChunk,
 ]
 
@@ -304,8 +304,9 @@ STREAM_EVENTS: dict[str, dict[str, Any]] = {
 }
 
 # -- what each operation answers ----------------------------------------------------------------------------
-# Statuses every operation can answer: 400 (a malformed Content-Length), 413 (a body over the limit) and 500.
-COMMON_ERRORS = (400, 413, 500)
+# Statuses every operation can answer: 400 (a malformed Content-Length), 408 (a body not sent in time), 413 (a body
+# over the limit) and 500.
+COMMON_ERRORS = (400, 408, 413, 500)
 # The errors the generation routes add: 422 validation, 429 queue full, 503 no model / swapping, 504 timeout.
 _GENERATION = (422, 429, 503, 504)
 
@@ -322,9 +323,10 @@ class Op:
 # route's dependencies (401 for API keys when configured, 401/403 for the admin API).
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/generate"): Op(200, GenerateResponse, _GENERATION, stream="optional"),
-    ("POST", "/v1/completions"): Op(200, CompletionResponse, _GENERATION, stream="optional"),
-    ("POST", "/v1/chat/completions"): Op(200, ChatCompletionResponse, _GENERATION, stream="optional"),
+    ("POST", "/v1/completions"): Op(200, CompletionResponse, (404, *_GENERATION), stream="optional"),
+    ("POST", "/v1/chat/completions"): Op(200, ChatCompletionResponse, (404, *_GENERATION), stream="optional"),
     ("GET", "/v1/models"): Op(200, ModelList, (503,)),
+    ("GET", "/v1/models/{model_id}"): Op(200, ModelCard, (404, 503)),
     ("GET", "/healthz"): Op(200, Health),
     ("GET", "/readyz"): Op(200, Ready, (503,)),
     ("GET", "/info"): Op(200, Info, (503,)),
@@ -332,7 +334,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/admin/jobs"): Op(202, Job, (422,)),
     ("GET", "/admin/jobs"): Op(200, JobList, (422,)),
     ("GET", "/admin/jobs/{job_id}"): Op(200, Job, (404,)),
-    ("GET", "/admin/jobs/{job_id}/events"): Op(200, None, (404,), stream="only"),
+    ("GET", "/admin/jobs/{job_id}/events"): Op(200, None, (404, 422), stream="only"),
     ("GET", "/admin/jobs/{job_id}/logs"): Op(200, "text/plain", (404, 422)),
     ("POST", "/admin/jobs/{job_id}/cancel"): Op(200, Job, (404, 409)),
     ("POST", "/admin/jobs/{job_id}/resume"): Op(202, Job, (404, 409)),
@@ -345,10 +347,17 @@ OPERATIONS: dict[tuple[str, str], Op] = {
 }
 
 _DESCRIPTIONS = {
-    400: "Bad request (malformed header, unsupported parameter or upload)", 401: "Missing or invalid bearer token",
-    403: "The admin API is disabled (no POCKETGPT_ADMIN_TOKEN)", 404: "Not found", 409: "Conflict with the job's state",
-    413: "Request body or upload over the limit", 422: "Invalid request", 429: "Busy: every slot and queue place "
-    "taken (see Retry-After)", 500: "Internal error", 503: "No model loaded, or a model swap in progress",
+    400: "Bad request (malformed header, unsupported parameter or upload)",
+    401: "Missing or invalid bearer token",
+    403: "The admin API is disabled (no POCKETGPT_ADMIN_TOKEN)",
+    404: "Not found (or an unknown model)",
+    408: "The request body did not arrive in time",
+    409: "Conflict with the job's state",
+    413: "Request body or upload over the limit",
+    422: "Invalid request (a field, or a body that is not JSON)",
+    429: "Busy: every slot and queue place taken (see Retry-After)",
+    500: "Internal error",
+    503: "No model loaded, or a model swap in progress",
     504: "The request timed out",
 }
 
@@ -395,12 +404,13 @@ _SETTING_BOUNDS = {
     ("ChatCompletionRequest", "max_completion_tokens"): ("maximum", "max_new_tokens"),
     ("GenerateRequest", "prompt"): ("maxLength", "max_prompt_chars"),
     ("CompletionRequest", "prompt"): ("maxLength", "max_prompt_chars"),
+    ("ChatCompletionRequest", "messages"): ("maxItems", "max_messages"),
 }
 
 
 def _server_bounds(schemas: dict[str, Any], settings: Any) -> None:
     """Write this server's limits into the request schemas, so the document says what will be accepted."""
-    kinds = {"maximum": "integer", "maxLength": "string"}
+    kinds = {"maximum": "integer", "maxLength": "string", "maxItems": "array"}
     for (model, field), (keyword, setting) in _SETTING_BOUNDS.items():
         prop = schemas.get(model, {}).get("properties", {}).get(field)
         if prop is None:

@@ -1,8 +1,13 @@
 """Request bodies. Static bounds live on the fields; bounds that come from settings are checked in
-`to_spec`, which turns a request into the route-independent GenerationSpec."""
+`to_spec`, which turns a request into the route-independent GenerationSpec.
+
+Validation is strict, as OpenAI's is: `"max_tokens": "10"` or `"stream": "yes"` are 422, not coerced (an integer
+is still a valid float), and NaN or infinite numbers are refused as not finite.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,7 +16,7 @@ from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import GenerationSpec, PromptRenderer, random_seed
 from pocketgpt.app.settings import Settings
 from pocketgpt.model.chat import ROLES as CHAT_ROLES
-from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.model.sampling import MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_SEED = 2**63 - 1
 # A k beyond the vocabulary keeps every token; the bound only refuses numbers the sampler cannot hold (an
@@ -19,6 +24,12 @@ MAX_SEED = 2**63 - 1
 MAX_TOP_K = 1_000_000
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 StopList = Annotated[list[StopString], Field(max_length=4)]
+# The schema's own cap on `messages`, so validation stays cheap whatever the body holds (25,000 messages took
+# 0.6 s of event-loop time to validate); the server's bound, POCKETGPT_MAX_MESSAGES, is at most this.
+MAX_MESSAGES_CAP = 2048
+MAX_CONTENT_PARTS = 256
+# Strict types (no "10" -> 10, no "yes" -> True) and finite numbers only.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -42,14 +53,14 @@ def _check_max_tokens(value: int, settings: Settings, param: str) -> None:
 class GenerateRequest(BaseModel):
     """POST /v1/generate."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(STRICT, extra="forbid")
 
     prompt: str = Field(min_length=1, description="text to continue")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most (server bound applies)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (or below 1e-5) means greedy")
     top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="keep the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description=">1 discourages seen tokens")
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0, description=">1 discourages seen tokens")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop: StopString | StopList | None = Field(None, description="up to 4 strings that end the output")
@@ -84,19 +95,23 @@ def _openai_sampling(body: OpenAISamplingFields) -> SamplingParams:
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool | None = False
 
 
 class OpenAISamplingFields(BaseModel):
-    """Fields shared by the OpenAI completions and chat shapes. Unknown fields are accepted and ignored."""
+    """Fields shared by the OpenAI completions and chat shapes. Unknown fields are accepted and ignored; fields
+    that would change the answer's shape and are not supported (tools, response_format) are refused."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(STRICT, extra="allow")
 
-    model: str | None = None
+    model: str | None = Field(None, description="the served model's id (GET /v1/models); optional here, since the "
+                              "server serves one model; another name is 404 model_not_found")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(0, ge=0, le=MAX_TOP_K)
-    repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     stop: StopString | StopList | None = None
@@ -104,6 +119,27 @@ class OpenAISamplingFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def _refuse_common(self) -> None:
+        """400 for what this server cannot honour on either route (raised before anything is admitted)."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                           code="invalid_value")
+        fmt = (self.response_format or {}).get("type", "text")
+        unsupported = {
+            "n": self.n not in (None, 1), "tools": bool(self.tools), "functions": bool(self.functions),
+            "tool_choice": self.tool_choice not in (None, "none"),
+            "function_call": self.function_call not in (None, "none"), "response_format": fmt != "text",
+        }
+        for name, bad in unsupported.items():
+            if bad:
+                raise APIError(400, f"{name}={getattr(self, name)!r:.200} is not supported by this server",
+                               param=name, code="unsupported_parameter")
 
 
 class CompletionRequest(OpenAISamplingFields):
@@ -124,8 +160,8 @@ class CompletionRequest(OpenAISamplingFields):
     user: str | None = None
 
     def _refuse_unsupported(self) -> None:
+        self._refuse_common()
         unsupported = {
-            "n": self.n not in (None, 1),
             "best_of": self.best_of not in (None, 1),
             "echo": bool(self.echo),
             "logprobs": self.logprobs is not None,
@@ -156,11 +192,12 @@ class CompletionRequest(OpenAISamplingFields):
         _check_max_tokens(max_tokens, settings, "max_tokens")
         params = _openai_sampling(self)
         seed = random_seed() if self.seed is None else self.seed
-        return GenerationSpec(prompt, max_tokens, params, seed, _stops(self.stop), max_tokens_param="max_tokens")
+        return GenerationSpec(prompt, max_tokens, params, seed, _stops(self.stop), max_tokens_param="max_tokens",
+                              model=self.model)
 
 
 class ChatContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(STRICT, extra="allow")
 
     type: str
     text: str | None = None
@@ -169,10 +206,10 @@ class ChatContentPart(BaseModel):
 class ChatMessage(BaseModel):
     """One message; `developer` is OpenAI's newer name for `system`. Content may be text parts."""
 
-    model_config = ConfigDict(extra="allow")  # e.g. `name`, accepted and ignored
+    model_config = ConfigDict(STRICT, extra="allow")  # e.g. `name`, accepted and ignored
 
     role: str
-    content: str | list[ChatContentPart] | None = None
+    content: str | Annotated[list[ChatContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
 
     def as_dict(self, index: int) -> dict[str, str]:
         """{"role", "content"} for the chat template; raises 400 for what a text-only model cannot take."""
@@ -197,23 +234,19 @@ class ChatCompletionRequest(OpenAISamplingFields):
     the answer may use whatever room the context leaves, up to the server's bound.
     """
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES_CAP)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = None
     logit_bias: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     user: str | None = None
 
     def _refuse_unsupported(self) -> None:
-        fmt = (self.response_format or {}).get("type", "text")
+        self._refuse_common()
         unsupported = {
-            "n": self.n not in (None, 1), "logprobs": bool(self.logprobs), "top_logprobs": bool(self.top_logprobs),
-            "logit_bias": bool(self.logit_bias), "tools": bool(self.tools), "functions": bool(self.functions),
-            "response_format": fmt != "text",
+            "logprobs": bool(self.logprobs), "top_logprobs": bool(self.top_logprobs),
+            "logit_bias": bool(self.logit_bias),
         }
         for name, bad in unsupported.items():
             if bad:
@@ -223,9 +256,14 @@ class ChatCompletionRequest(OpenAISamplingFields):
     def message_dicts(self) -> list[dict[str, str]]:
         return [m.as_dict(i) for i, m in enumerate(self.messages)]
 
-    def to_spec(self, settings: Settings, render: PromptRenderer) -> GenerationSpec:
-        """The spec; `render` turns the messages into prompt ids with the serving model's chat template."""
+    def to_spec(self, settings: Settings,
+                renderer: Callable[[list[dict[str, str]]], PromptRenderer]) -> GenerationSpec:
+        """The spec; `renderer(messages)` turns the messages into prompt ids with the serving model's chat
+        template (called once, with the messages converted once)."""
         self._refuse_unsupported()
+        if len(self.messages) > settings.max_messages:
+            raise APIError(422, f"messages holds {len(self.messages)} messages; the limit is {settings.max_messages}",
+                           param="messages", code="too_many_messages")
         messages = self.message_dicts()
         chars = sum(len(m["content"]) for m in messages)
         if chars > settings.max_prompt_chars:
@@ -238,7 +276,8 @@ class ChatCompletionRequest(OpenAISamplingFields):
         params = _openai_sampling(self)
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec("", given or settings.max_new_tokens, params, seed, _stops(self.stop),
-                              max_tokens_param=param, render=render, clip_to_context=given is None)
+                              max_tokens_param=param, render=renderer(messages), clip_to_context=given is None,
+                              model=self.model)
 
 
 def openai_finish_reason(reason: str) -> str:

@@ -54,10 +54,11 @@ def serve(argv: list[str]) -> int:
     import uvicorn
 
     from pocketgpt.app.main import create_app
+    from pocketgpt.app.server import uvicorn_options
 
     # Our access log replaces uvicorn's (it has the request id, tokens and timings).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5, **uvicorn_options(settings))
     return 0
 
 

@@ -31,11 +31,22 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
+    # Slow and numerous clients (passed to uvicorn by `pocketgpt serve`, see app/server.py).
+    max_connections: int = Field(512, ge=1, description="open connections (and requests) at once; beyond it new "
+                                 "requests get 503 (uvicorn's limit_concurrency)")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers; "
+                                  "then the connection is closed")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a request body (408 after); "
+                                "for dataset uploads, the most seconds between two chunks")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle kept-alive connection stays open")
+
     # -- engine and limits ---------------------------------------------------------------------
     max_running: int = Field(16, ge=1, description="KV-cache slots: requests decoded together")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot before 429")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound for a request's max_new_tokens")
-    max_prompt_chars: int = Field(32_000, ge=1, description="upper bound for a prompt's length in characters")
+    max_prompt_chars: int = Field(32_000, ge=1, description="upper bound for a prompt's length in characters "
+                                  "(for chat: the messages' content together)")
+    max_messages: int = Field(256, ge=1, le=2048, description="upper bound for a chat request's number of messages")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit (413 beyond)")
     request_timeout: float = Field(300.0, gt=0, description="seconds from admission to the last token")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
@@ -105,6 +116,7 @@ class Settings(BaseSettings):
             "max_queue": self.max_queue,
             "max_new_tokens": self.max_new_tokens,
             "max_prompt_chars": self.max_prompt_chars,
+            "max_messages": self.max_messages,
             "max_body_bytes": self.max_body_bytes,
             "request_timeout": self.request_timeout,
             "prefill_chunk": self.prefill_chunk,

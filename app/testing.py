@@ -29,13 +29,16 @@ from pocketgpt.model.tokenizer import Tokenizer
 
 
 @contextmanager
-def running_server(app: Any, host: str = "127.0.0.1", startup_timeout: float = 60.0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free port in a background thread; yields the base URL."""
+def running_server(app: Any, host: str = "127.0.0.1", startup_timeout: float = 60.0,
+                   **options: Any) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free port in a background thread; yields the base URL. `options` add
+    uvicorn.Config arguments (e.g. `**app.server.uvicorn_options(settings)`, or `http="h11"`)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                            **{"timeout_graceful_shutdown": 2, **options})
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()

@@ -116,8 +116,13 @@ class ChatTemplate:
                 raise ValueError(f"message {i}: role must be one of {list(ROLES)}, got {role!r}")
             if not isinstance(content, str):
                 raise ValueError(f"message {i}: content must be a string")
+        # One batch call for every message: it does not hold the GIL, so a server rendering a long conversation
+        # in a worker thread leaves its event loop free.
+        contents = tokenizer.encode_batch([m["content"] for m in messages], allow_special=False)
+        for message, content_ids in zip(messages, contents, strict=True):
+            role = message["role"]
             trained = role == "assistant"
-            body = [*tokenizer.encode(content, allow_special=False), end]
+            body = [*content_ids, end]
             ids += [self._id(tokenizer, self.roles[role]), *body]
             mask += [False] + [trained] * len(body)
         if add_generation_prompt:

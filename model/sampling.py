@@ -10,10 +10,18 @@ from dataclasses import dataclass
 
 import torch
 
+# Below this temperature a row is greedy: logits / T overflows float32 long before T reaches 0 (at T ~ 1e-38 the
+# scaled logits are inf and the softmax NaN, which sampled the last vocabulary id every step). At 1e-5 a logit
+# gap of 1e-3 is already a 1e2 gap after scaling, so the distribution is one-hot in all but name.
+GREEDY_BELOW = 1e-5
+# Repetition penalties are clamped to at least this: a penalty that is 0 in float32 (1e-46) divided seen logits
+# by zero. The HTTP schemas refuse smaller values; the clamp keeps direct callers safe too.
+MIN_REPETITION_PENALTY = 0.01
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its next token. temperature 0 means greedy."""
+    """How one request picks its next token. temperature 0 (or below GREEDY_BELOW) means greedy."""
 
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
@@ -24,7 +32,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:
@@ -41,7 +49,7 @@ def apply_penalties(
 ) -> torch.Tensor:
     """Penalize repeats. `counts` (B, V) counts generated tokens; `prompt_mask` (B, V) marks prompt tokens."""
     dev = logits.device
-    rep = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)
+    rep = torch.tensor([max(p.repetition_penalty, MIN_REPETITION_PENALTY) for p in params], device=dev).unsqueeze(1)
     pres = torch.tensor([p.presence_penalty for p in params], device=dev).unsqueeze(1)
     freq = torch.tensor([p.frequency_penalty for p in params], device=dev).unsqueeze(1)
     seen = prompt_mask | (counts > 0)

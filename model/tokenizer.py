@@ -5,8 +5,9 @@ decodes back exactly. Decoding is done here from a precomputed id -> bytes table
 the library's decoder, so that whole-sequence decoding and streaming decoding are the same
 byte concatenation followed by the same UTF-8 decoding, and cannot disagree.
 
-Note: a literal "<|endoftext|>" in input text is encoded as the special EOT id (the library's
-default for special tokens). Callers that must not allow that should strip it from user text.
+Note: by default a literal "<|endoftext|>" in input text is encoded as the special EOT id (the
+library's default for special tokens, which training data relies on). Untrusted text (the server's
+prompts and chat messages) is encoded with `allow_special=False`: there it is plain text.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ SPECIAL_TOKENS = [EOT]  # EOT is first so it gets id 0
 MIN_VOCAB_SIZE = 260  # 256 byte tokens + special tokens + a few merges
 
 TOKENIZER_FILENAME = "tokenizer.json"
+# Texts at least this long are encoded through the library's batch call, which releases the GIL while it works
+# (its single-text call holds it): a server thread encoding a long prompt then does not stall the event loop.
+RELEASE_GIL_CHARS = 2048
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -131,13 +135,17 @@ class Tokenizer:
         """Encode text to ids. A literal "<|endoftext|>" becomes `eot_id` unless `allow_special` is False,
         in which case special-token strings are encoded as the plain text they are (for untrusted content,
         e.g. chat messages, where "<|assistant|>" typed by a user must not become a role marker)."""
-        if allow_special:
-            return self._hf.encode(text, add_special_tokens=False).ids
+        hf = self._hf if allow_special else self._plain_tokenizer()
+        if len(text) >= RELEASE_GIL_CHARS:
+            return hf.encode_batch([text], add_special_tokens=False)[0].ids
+        return hf.encode(text, add_special_tokens=False).ids
+
+    def _plain_tokenizer(self) -> HFTokenizer:
         if self._plain is None:
             plain = HFTokenizer.from_str(self._hf.to_str())
             plain.encode_special_tokens = True
             self._plain = plain
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain
 
     def token_id(self, token: str) -> int | None:
         """The id of a whole token (e.g. a special token such as "<|end|>"), or None if it is not one."""
@@ -154,9 +162,11 @@ class Tokenizer:
             hf.add_special_tokens(missing)
         return Tokenizer(hf)
 
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        """Encode many texts at once (parallelised inside the library)."""
-        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Iterable[str], allow_special: bool = True) -> list[list[int]]:
+        """Encode many texts at once (parallelised inside the library, without holding the GIL); `allow_special`
+        as in `encode`."""
+        hf = self._hf if allow_special else self._plain_tokenizer()
+        return [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token (b"" for special tokens). Raises ValueError if out of range."""

@@ -81,6 +81,35 @@ def test_upload_without_a_usable_file_is_invalid(tmp_path: Path, body: bytes, ct
         asyncio.run(save_upload(headers, chunks(body), store, tmp_path / "data", 10_000))
 
 
+@pytest.mark.parametrize(("content", "why"), [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "NUL byte at offset 8"),
+    ("caf\u00e9".encode("latin-1") + b" au lait", "invalid UTF-8 near offset 3"),
+    (b"ok " * 700 + b"\x00tail", "NUL byte at offset 2100"),  # past the first chunk
+    ("\u5e8a".encode() * 10 + b"\xe5\xba", "ends inside a multi-byte character"),
+], ids=["png", "latin-1", "late-nul", "cut-character"])
+def test_binary_or_non_utf8_uploads_are_refused(tmp_path: Path, content: bytes, why: str) -> None:
+    with pytest.raises(UploadInvalid) as info:
+        upload(tmp_path, multipart(content))
+    assert info.value.code == "not_text" and info.value.param == "file" and why in str(info.value)
+    assert list((tmp_path / "data" / "datasets").iterdir()) == []
+
+
+def test_characters_split_across_chunks_are_text(tmp_path: Path) -> None:
+    content = "\u5e8a\u524d\u660e\u6708\u5149".encode() * 400  # 3-byte characters cut by the 1000-byte chunks
+    _, ds = upload(tmp_path, multipart(content), limit=100_000)
+    assert ds.bytes == len(content)
+
+
+def test_a_multipart_body_without_its_closing_boundary_is_refused(tmp_path: Path) -> None:
+    body = multipart(b"some text\n" * 50)
+    for cut in (body[: body.rindex(b"\r\n--")], body[:-200]):
+        with pytest.raises(UploadInvalid) as info:
+            upload(tmp_path, cut)
+        assert info.value.code == "incomplete_multipart" and info.value.param is None
+        assert "incomplete" in str(info.value) and f"--{BOUNDARY}--" in str(info.value)
+    assert list((tmp_path / "data" / "datasets").iterdir()) == []
+
+
 def test_data_sources_must_stay_inside_the_data_root(tmp_path: Path) -> None:
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
@@ -144,3 +173,27 @@ def test_checkpoint_names_are_confined_to_the_root(tmp_path: Path, tiny_checkpoi
         resolve_checkpoint_name("empty", root)
     shutil.copytree(tiny_checkpoint, root / "runs" / "tiny")
     assert resolve_checkpoint_name("runs/tiny", root) == (root / "runs" / "tiny").resolve()
+
+
+def test_check_links_refuses_links_that_leave_the_root(tmp_path: Path) -> None:
+    from pocketgpt.app.jobs.datasets import check_links
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "ok" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "ok" / "a.txt").write_text("a")
+    (root / "ok" / "sub" / "b.txt").write_text("b")
+    os.symlink(root / "ok" / "a.txt", root / "ok" / "sub" / "again.txt")  # stays inside: fine
+    check_links(root / "ok", root, "folder")
+    cases = {
+        "file": lambda d: os.symlink(outside, d / "x.txt"),
+        "folder": lambda d: os.symlink(outside, d / "linked-dir"),  # listed though not entered
+        "dangling": lambda d: os.symlink(root / "gone", d / "x.txt"),
+        "loop": lambda d: (os.symlink(d / "l2", d / "l1"), os.symlink(d / "l1", d / "l2")),
+    }
+    for name, plant in cases.items():
+        folder = root / name / "deep"
+        folder.mkdir(parents=True)
+        plant(folder)
+        with pytest.raises(DataPathError, match="symbolic link"):
+            check_links(root / name, root, name)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from pocketgpt.model.sampling import SamplingParams, make_generator, sample
+from pocketgpt.model.sampling import (
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    sample,
+)
 
 
 def _logits(batch: int = 4, vocab: int = 50) -> torch.Tensor:
@@ -72,3 +78,28 @@ def test_penalties_discourage_repeats() -> None:
     prompt_seen = torch.tensor([[True, False, False]])
     rep = SamplingParams(temperature=0.0, repetition_penalty=1.2)
     assert int(sample(logits, [rep], [None], torch.zeros_like(counts), prompt_seen)[0]) == 1
+
+
+def test_tiny_temperature_is_greedy_not_the_last_id() -> None:
+    """A temperature that underflows float32 (logits / 1e-39 is inf/nan) samples like temperature 0."""
+    logits = _logits(batch=4, vocab=50)
+    for temperature in (1e-39, 1e-45, 1e-20, 9e-6):
+        for extra in ({}, {"top_p": 0.9}, {"top_k": 5}):
+            p = SamplingParams(temperature=temperature, **extra)
+            assert p.greedy
+            gens = [make_generator(i) for i in range(4)]
+            assert torch.equal(sample(logits, [p] * 4, gens), logits.argmax(-1)), (temperature, extra)
+    assert not SamplingParams(temperature=1e-4).greedy  # small but usable temperatures still sample
+
+
+def test_tiny_repetition_penalty_does_not_divide_by_zero() -> None:
+    """A penalty that is 0 in float32 (1e-46) must not turn seen logits into inf: it is bounded below."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, -1.0]])
+    counts = torch.tensor([[0, 1, 0, 0]])
+    mask = torch.zeros(1, 4, dtype=torch.bool)
+    p = SamplingParams(temperature=0.0, repetition_penalty=1e-46)
+    out = apply_penalties(logits.clone(), [p], counts, mask)
+    assert torch.isfinite(out).all()
+    bounded = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=MIN_REPETITION_PENALTY)],
+                              counts, mask)
+    assert torch.equal(out, bounded)

@@ -45,7 +45,7 @@ def test_a_checkpoint_without_template_is_a_clear_400(tiny_checkpoint: Path) -> 
     with running_server(create_app(Settings(checkpoint=tiny_checkpoint))) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
         with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
         error = info.value.body
         assert error["code"] == "no_chat_template" and "/v1/completions" in error["message"]
         r = post(base, {"messages": [{"role": "user", "content": "Hi"}], "stream": True})

@@ -56,8 +56,8 @@ def test_openai_client_non_stream_matches_native_route(url: str) -> None:
 
 def test_openai_client_stream_with_usage(url: str) -> None:
     c = client(url)
-    full = c.completions.create(model="m", prompt=["To be, or not"], max_tokens=25, temperature=0.9, seed=7)
-    chunks = list(c.completions.create(model="m", prompt="To be, or not", max_tokens=25, temperature=0.9,
+    full = c.completions.create(model="untied", prompt=["To be, or not"], max_tokens=25, temperature=0.9, seed=7)
+    chunks = list(c.completions.create(model="untied", prompt="To be, or not", max_tokens=25, temperature=0.9,
                                        seed=7, stream=True, stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == full.choices[0].text
@@ -70,7 +70,7 @@ def test_openai_client_stream_with_usage(url: str) -> None:
 
 def test_openai_stream_ends_with_done(url: str) -> None:
     with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
-                      json={"model": "m", "prompt": "Hi", "max_tokens": 5, "stream": True}) as r:
+                      json={"model": "untied", "prompt": "Hi", "max_tokens": 5, "stream": True}) as r:
         events = read_events(r)
     assert events[-1] == ("message", "[DONE]")
     assert all(e == "message" for e, _ in events)
@@ -78,9 +78,9 @@ def test_openai_stream_ends_with_done(url: str) -> None:
 
 def test_openai_stop_and_lenient_fields(url: str) -> None:
     c = client(url)
-    base = c.completions.create(model="m", prompt="A journey of", max_tokens=30, temperature=0).choices[0].text
+    base = c.completions.create(model="untied", prompt="A journey of", max_tokens=30, temperature=0).choices[0].text
     stop = base[5:8]
-    out = c.completions.create(model="m", prompt="A journey of", max_tokens=30, temperature=0, stop=stop,
+    out = c.completions.create(model="untied", prompt="A journey of", max_tokens=30, temperature=0, stop=stop,
                                echo=False, logprobs=None, n=1, best_of=1, presence_penalty=0, frequency_penalty=0)
     assert out.choices[0].text == base[: base.find(stop)]
     assert out.choices[0].finish_reason == "stop"
@@ -96,14 +96,14 @@ def test_openai_stop_and_lenient_fields(url: str) -> None:
     ({"max_tokens": 1000}, "max_tokens", 422),
 ])
 def test_openai_refusals(url: str, extra: dict, param: str, status: int) -> None:
-    r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi", **extra})
+    r = httpx.post(f"{url}/v1/completions", json={"model": "untied", "prompt": "hi", **extra})
     assert r.status_code == status
     assert r.json()["error"]["param"] == param
 
 
 def test_openai_client_raises_on_error_status(url: str) -> None:
     with pytest.raises(openai.BadRequestError):
-        client(url).completions.create(model="m", prompt="hi", n=3)
+        client(url).completions.create(model="untied", prompt="hi", n=3)
 
 
 def test_models_route(url: str) -> None:
@@ -152,10 +152,10 @@ def test_keys_are_checked_before_the_body(keyed_url: str) -> None:
 
 
 def test_openai_client_with_keys(keyed_url: str) -> None:
-    out = client(keyed_url, "key-two").completions.create(model="m", prompt="Hi", max_tokens=3)
+    out = client(keyed_url, "key-two").completions.create(model="untied", prompt="Hi", max_tokens=3)
     assert out.choices[0].text is not None
     with pytest.raises(openai.AuthenticationError):
-        client(keyed_url, "wrong").completions.create(model="m", prompt="Hi", max_tokens=3)
+        client(keyed_url, "wrong").completions.create(model="untied", prompt="Hi", max_tokens=3)
 
 
 def test_no_keys_means_open(url: str) -> None:

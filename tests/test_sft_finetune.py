@@ -131,9 +131,9 @@ def test_openai_chat_client_over_http(finetuned: dict) -> None:
         assert right >= 4
 
         question = [{"role": "system", "content": ""}, {"role": "user", "content": "reverse: red red blue gold"}]
-        full = client.chat.completions.create(model="m", messages=question[1:], temperature=0)
-        chunks = list(client.chat.completions.create(model="m", messages=question[1:], temperature=0, stream=True,
-                                                     stream_options={"include_usage": True}))
+        full = client.chat.completions.create(model="reverser", messages=question[1:], temperature=0)
+        chunks = list(client.chat.completions.create(model="reverser", messages=question[1:], temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
         assert chunks[0].choices[0].delta.role == "assistant"
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == full.choices[0].message.content == "gold blue red red"

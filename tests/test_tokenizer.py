@@ -185,3 +185,14 @@ def test_vocab_too_small() -> None:
         train_tokenizer(["hello world"], vocab_size=259)
     # The minimum itself is accepted.
     assert train_tokenizer(["hello world"] * 5, vocab_size=260).vocab_size <= 260
+
+
+def test_long_texts_encode_the_same_through_the_gil_free_path(tok: Tokenizer) -> None:
+    """Texts past RELEASE_GIL_CHARS go through the library's batch call: same ids, with and without specials."""
+    from pocketgpt.model.tokenizer import RELEASE_GIL_CHARS
+
+    text = ("".join(ROUND_TRIP) + EOT) * (RELEASE_GIL_CHARS // 100)
+    assert len(text) >= RELEASE_GIL_CHARS
+    assert tok.encode(text) == tok._hf.encode(text, add_special_tokens=False).ids
+    plain = tok.encode(text, allow_special=False)
+    assert tok.eot_id not in plain and tok.decode(plain) == text

@@ -2,12 +2,15 @@
 
 An upload is parsed as it arrives (python-multipart's push parser) and written straight to a temp file next to
 its final place, so memory stays flat and an oversized upload is refused after at most `limit` bytes of it were
-read. The stored file is `DATA_DIR/datasets/<id>.<ext>`; the original filename is kept only as a label.
+read. The file must be UTF-8 text (no NUL bytes; checked as it streams) and the multipart body must end with its
+closing boundary (a cut-off body is not a dataset). The stored file is `DATA_DIR/datasets/<id>.<ext>`; the
+original filename is kept only as a label.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import os
 import re
@@ -38,9 +41,15 @@ class UploadTooLarge(Exception):
 class UploadInvalid(Exception):
     """The request is not a usable multipart upload with a `file` field (HTTP 400/422)."""
 
-    def __init__(self, message: str, param: str | None = "file") -> None:
+    def __init__(self, message: str, param: str | None = "file", code: str = "invalid_upload") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+def _not_text(why: str) -> UploadInvalid:
+    return UploadInvalid(f"the file is not UTF-8 text ({why}); upload a UTF-8 text or JSONL corpus",
+                         code="not_text")
 
 
 class DataPathError(ValueError):
@@ -69,11 +78,20 @@ class _FilePart:
         self.size = self.newlines = 0
         self.last_byte = b""
         self.sha = hashlib.sha256()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("strict")  # a character may span two chunks
 
     def write(self, data: bytes) -> None:
+        offset = self.size
         self.size += len(data)
         if self.size > self.limit:
             raise UploadTooLarge(self.limit)
+        nul = data.find(b"\0")
+        if nul >= 0:
+            raise _not_text(f"a NUL byte at offset {offset + nul}: binary data")
+        try:
+            self.utf8.decode(data)
+        except UnicodeDecodeError as e:
+            raise _not_text(f"invalid UTF-8 near offset {max(0, offset + e.start)}") from None
         self.fh.write(data)
         self.sha.update(data)
         self.newlines += data.count(b"\n")
@@ -84,6 +102,10 @@ class _FilePart:
         return self.newlines + (1 if self.size and self.last_byte != b"\n" else 0)
 
     def finish(self) -> None:
+        try:
+            self.utf8.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise _not_text("it ends inside a multi-byte character") from None
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
@@ -104,13 +126,14 @@ class _UploadParser:
         self._disposition = b""
         self._current: _FilePart | None = None
         self._pending: list[bytes] = []
+        self.ended = False  # the closing boundary was read
 
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self._part_begin, "on_part_data": self._part_data,
             "on_header_field": self._header_field, "on_header_value": self._header_value_cb,
             "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_part_end": self._part_end,
+            "on_part_end": self._part_end, "on_end": self._end,
         }
 
     def _part_begin(self) -> None:
@@ -140,6 +163,9 @@ class _UploadParser:
 
     def _part_end(self) -> None:
         self._current = None
+
+    def _end(self) -> None:
+        self.ended = True
 
 
 async def save_upload(
@@ -171,6 +197,10 @@ async def save_upload(
             # Parsing and writing a chunk is quick (page cache); a thread keeps a slow disk off the event loop.
             await asyncio.to_thread(parser.write, chunk)
         parser.finalize()
+        if not handler.ended:  # python-multipart's finalize() does not check this itself
+            raise UploadInvalid("the multipart body is incomplete: it ends before its closing boundary "
+                                f"(--{params[b'boundary'].decode('latin-1')[:70]}--)", param=None,
+                                code="incomplete_multipart")
         if handler.part is None:
             raise UploadInvalid(f"the multipart body has no `{field}` file field")
         if handler.part.size == 0:
@@ -212,24 +242,53 @@ def _inside(root: Path, name: str, what: str) -> Path:
     return resolved
 
 
+def check_links(path: Path, root: Path, what: str) -> None:
+    """Refuse (DataPathError) a file or folder that holds a symlink whose target is outside `root`: the trainer
+    and the checkpoint loader open what they find inside, so a link to /etc/passwd in a data folder, or a
+    checkpoint whose model.safetensors links elsewhere, would be read although its name is inside the root.
+    Links that stay inside the root are fine. Called when a job is submitted, again when it starts, and before a
+    checkpoint is loaded."""
+    root = root.resolve()
+    entries = [path]
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):  # a linked folder is listed, not entered
+            entries += [Path(dirpath, name) for name in (*dirnames, *filenames)]
+    for entry in entries:
+        if not entry.is_symlink():
+            continue
+        try:
+            inside = entry.resolve(strict=True).is_relative_to(root)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            inside = False
+        if not inside:
+            shown = entry.relative_to(root) if entry.is_relative_to(root) else entry
+            raise DataPathError(f"{what} holds {str(shown)!r}, a symbolic link to a place outside {root}; "
+                                "only files inside it are read")
+
+
 def resolve_data_source(source: str, store: JobStore, data_dir: Path) -> str:
-    """A job's `data` entry as the trainer argument: `stdlib`, or an absolute path inside the data root."""
+    """A job's `data` entry as the trainer argument: `stdlib`, or an absolute path inside the data root (refused
+    when it is, or holds, a symlink leaving the root)."""
     if source == STDLIB:
         return STDLIB
     if DATASET_ID.match(source):
         ds = store.get_dataset(source)
         if ds is None:
             raise DataPathError(f"no dataset with id {source!r}", missing=True)
-        return str(_inside(data_dir, ds.path, "dataset"))
-    if any(c in source for c in "*?["):
+        path = _inside(data_dir, ds.path, "dataset")
+    elif any(c in source for c in "*?["):
         # The trainer expands glob patterns; a pattern is not a path we can confine, so name files or folders.
         raise DataPathError(f"data path {source!r} may not contain glob characters (*, ?, [)")
-    return str(_inside(data_dir, source, "data path"))
+    else:
+        path = _inside(data_dir, source, "data path")
+    check_links(path, data_dir, f"data path {source!r}")
+    return str(path)
 
 
 def resolve_checkpoint_name(name: str, checkpoint_dir: Path) -> Path:
     """A checkpoint named relative to the checkpoint root, as a directory inside it holding a config.json."""
     path = _inside(checkpoint_dir, name, "checkpoint")
+    check_links(path, checkpoint_dir, f"checkpoint {name!r}")
     if not (path / "config.json").is_file():
         raise DataPathError(f"checkpoint {name!r} is not a checkpoint directory (no config.json)")
     return path

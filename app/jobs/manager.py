@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pocketgpt.app.jobs.datasets import DataPathError, check_links
 from pocketgpt.app.jobs.metrics import METRICS_FILE, Attempt, MetricsTail, apply_record
 from pocketgpt.app.jobs.process import LOG_FILE, TrainerProcess, final_status, tail_lines
 from pocketgpt.app.jobs.store import (
@@ -47,6 +48,9 @@ DEFAULT_TRAINER_CMD = [sys.executable, "-m", "pocketgpt.training", "train"]
 RESUMABLE = (INTERRUPTED, CANCELLED)
 # Called with a succeeded job's checkpoint directory when it asked to be served; returns nothing, raises on error.
 ServeHook = Callable[[Path], Awaitable[Any]]
+# Called with a job just before its trainer starts; raises DataPathError when its inputs are no longer allowed
+# (e.g. a symlink leaving the data root appeared in its data folder while it was queued).
+Preflight = Callable[["Job"], None]
 
 
 class JobNotFound(KeyError):
@@ -102,6 +106,7 @@ class JobManager:
         log_tail_lines: int = 30,
         env: dict[str, str] | None = None,
         on_serve: ServeHook | None = None,
+        preflight: Preflight | None = None,
     ) -> None:
         self.store = store
         self.checkpoint_dir = Path(checkpoint_dir).resolve()
@@ -115,6 +120,7 @@ class JobManager:
         self.log_tail_lines = log_tail_lines
         self.env = env
         self.on_serve = on_serve
+        self.preflight = preflight
         self._runs: dict[str, _Run] = {}
         self._serve_tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -231,10 +237,13 @@ class JobManager:
         tail = MetricsTail(run_dir / METRICS_FILE)
         tail.read_new()  # skip records of earlier attempts; only this run's records decide its outcome
         try:
+            if self.preflight is not None:
+                self.preflight(job)
             proc = TrainerProcess.spawn(argv, self.project_dir, run_dir / LOG_FILE, env=self.env)
-        except OSError as e:
-            self.store.update_job(job.id, status=FAILED, error=f"could not start the trainer: {e}",
-                                  finished_at=time.time(), attempts=job.attempts + 1)
+        except (OSError, DataPathError) as e:
+            error = f"refused to start: {e}" if isinstance(e, DataPathError) else f"could not start the trainer: {e}"
+            self.store.update_job(job.id, status=FAILED, error=error, finished_at=time.time(),
+                                  attempts=job.attempts + 1)
             return
         log.info("job %s started (pid %d): %s", job.id, proc.pid, " ".join(argv))
         self.store.update_job(job.id, status=RUNNING, pid=proc.pid, started_at=time.time(), finished_at=None,
@@ -316,6 +325,7 @@ class JobManager:
         try:
             if path is None:
                 raise FileNotFoundError(f"job {job.id} left no checkpoint to serve")
+            check_links(path, self.checkpoint_dir, f"the checkpoint of job {job.id}")
             if self.on_serve is None:
                 raise RuntimeError("no serve callback is set")
             await self.on_serve(path)

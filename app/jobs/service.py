@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from pocketgpt.app.engine.holder import EngineHolder
+from pocketgpt.app.jobs.datasets import check_links, resolve_data_source
 from pocketgpt.app.jobs.manager import JobManager, ServeHook
-from pocketgpt.app.jobs.store import JobStore
+from pocketgpt.app.jobs.store import Job, JobStore
 from pocketgpt.app.settings import Settings
 
 
@@ -21,9 +22,19 @@ def admin_enabled(settings: Settings) -> bool:
 def create_job_manager(settings: Settings, holder: EngineHolder, on_serve: ServeHook | None = None) -> JobManager:
     """A job manager over the configured database and checkpoint root; jobs with serve_when_done hot-load
     their checkpoint through `on_serve` (every Ray Serve replica), else through `holder`."""
+    store = JobStore(settings.db)
+
+    def preflight(job: Job) -> None:
+        """The job's data and init_from are checked again as it starts (it may have waited in the queue)."""
+        for source in job.request.get("data", []):
+            resolve_data_source(source, store, settings.data_dir)
+        if "--init-from" in job.args:
+            init_from = Path(job.args[job.args.index("--init-from") + 1])
+            check_links(init_from, settings.checkpoint_dir, f"init_from {init_from.name!r}")
+
     return JobManager(
-        JobStore(settings.db), settings.checkpoint_dir, max_concurrent=settings.max_concurrent_jobs,
-        cancel_grace_s=settings.cancel_grace_s, on_serve=on_serve or holder.swap,
+        store, settings.checkpoint_dir, max_concurrent=settings.max_concurrent_jobs,
+        cancel_grace_s=settings.cancel_grace_s, on_serve=on_serve or holder.swap, preflight=preflight,
         trainer_cmd=trainer_command(settings),
     )
 

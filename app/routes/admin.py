@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse
 
@@ -23,6 +23,7 @@ from pocketgpt.app.jobs.datasets import (
     DataPathError,
     UploadInvalid,
     UploadTooLarge,
+    check_links,
     resolve_checkpoint_name,
     resolve_data_source,
     save_upload,
@@ -84,8 +85,8 @@ def _job_response(job, status_code: int) -> JSONResponse:
 async def create_job(body: JobRequest, request: Request, manager: JobManager = Depends(get_manager)):
     """Queue a training job; answers 202 with the job and its URL (also in `Location`)."""
     data_dir = request.app.state.settings.data_dir
-    try:
-        data = [resolve_data_source(s, manager.store, data_dir) for s in body.data]
+    try:  # in a thread: a data folder is walked for symlinks that leave the data root
+        data = await asyncio.to_thread(lambda: [resolve_data_source(s, manager.store, data_dir) for s in body.data])
     except DataPathError as e:
         raise APIError(422, str(e), param="data", code="invalid_data") from None
     init_from = None
@@ -116,12 +117,19 @@ async def get_job(job_id: str, manager: JobManager = Depends(get_manager)):
     return job_view(_job_or_404(manager, job_id))
 
 
+# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses (that was a 500).
+_EVENT_ID = r"^[0-9]{1,18}$"
+
+
 @router.get("/jobs/{job_id}/events")
-async def job_event_stream(job_id: str, request: Request, manager: JobManager = Depends(get_manager)):
+async def job_event_stream(
+    job_id: str, request: Request, manager: JobManager = Depends(get_manager),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID", pattern=_EVENT_ID,
+                                       description="resume after this event id (sent by EventSource on reconnect)"),
+):
     """SSE: the job's metrics records so far and as they come (event = record type), then `status`."""
     _job_or_404(manager, job_id)
-    last = request.headers.get("last-event-id", "0")
-    return EventSourceResponse(job_events(manager, job_id, int(last) if last.isdigit() else 0),
+    return EventSourceResponse(job_events(manager, job_id, int(last_event_id or 0)),
                                ping=ping_interval(request.app.state.settings.sse_ping))
 
 
@@ -170,7 +178,7 @@ async def upload_dataset(request: Request, manager: JobManager = Depends(get_man
     except UploadTooLarge as e:
         raise APIError(413, str(e), param="file", code="upload_too_large") from None
     except UploadInvalid as e:
-        raise APIError(422 if e.param else 400, str(e), param=e.param, code="invalid_upload") from None
+        raise APIError(422 if e.param else 400, str(e), param=e.param, code=e.code) from None
     return JSONResponse({"object": "dataset", **ds.to_dict()}, status_code=201,
                         headers={"Location": f"/admin/datasets/{ds.id}"})
 
@@ -192,16 +200,18 @@ async def get_dataset(dataset_id: str, manager: JobManager = Depends(get_manager
 
 # -- checkpoints and the served model -----------------------------------------------------------------------
 def _checkpoint_dir(manager: JobManager, name: str, param: str, missing_status: int = 404):
-    """A checkpoint directory from a name under the checkpoint root, or a job id (its best, else last)."""
+    """A checkpoint directory from a name under the checkpoint root, or a job id (its best, else last); refused
+    (422) when it holds a symlink leaving the root."""
     job = manager.store.get_job(name)
-    if job is not None:
+    try:
+        if job is None:
+            return resolve_checkpoint_name(name, manager.checkpoint_dir)
         path = manager.checkpoint_path(job)
         if path is None:
             raise APIError(missing_status, f"Job {name!r} has no checkpoint yet.", param=param,
                            code="checkpoint_not_found")
+        check_links(path, manager.checkpoint_dir, f"checkpoint {name!r}")
         return path
-    try:
-        return resolve_checkpoint_name(name, manager.checkpoint_dir)
     except DataPathError as e:
         status = missing_status if e.missing else 422
         raise APIError(status, str(e), param=param, code="invalid_checkpoint") from None

@@ -67,8 +67,8 @@ def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[Server
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            ctx: AppContext = Depends(get_ctx)) -> Response:
     """OpenAI chat completions for one conversation."""
-    spec = body.to_spec(ctx.settings, chat_renderer(body.message_dicts()))
-    generation = start_generation(ctx, spec, request)
+    spec = body.to_spec(ctx.settings, chat_renderer)
+    generation = await start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_chunks(generation, include_usage), ping=ping_interval(ctx.settings.sse_ping))

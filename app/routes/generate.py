@@ -42,7 +42,7 @@ async def _events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
 async def generate(body: GenerateRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
     """Continue `prompt`. Validation, readiness and admission all happen before the first byte is sent."""
     spec = body.to_spec(ctx.settings)
-    generation = start_generation(ctx, spec, request)
+    generation = await start_generation(ctx, spec, request)
     if body.stream:
         return EventSourceResponse(_events(generation), ping=ping_interval(ctx.settings.sse_ping))
     result = await wait_or_cancel(generation, watch_disconnect(request))

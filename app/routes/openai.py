@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: POST /v1/completions (JSON and SSE) and GET /v1/models.
+"""OpenAI-compatible routes: POST /v1/completions (JSON and SSE), GET /v1/models and GET /v1/models/{id}.
 
 Point the official client at the server with `OpenAI(base_url="http://host:port/v1", api_key=...)`.
 A stream is `data: {chunk}` lines ending with `data: [DONE]`; with `stream_options.include_usage` a last chunk
@@ -19,7 +19,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from pocketgpt.app.errors import APIError
-from pocketgpt.app.generation import Generation, wait_or_cancel
+from pocketgpt.app.generation import Generation, check_model, wait_or_cancel
 from pocketgpt.app.schemas import CompletionRequest, openai_finish_reason
 from pocketgpt.app.sse import ping_interval
 
@@ -79,7 +79,7 @@ def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[Server
 async def completions(body: CompletionRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
     """OpenAI legacy completions for one prompt."""
     spec = body.to_spec(ctx.settings)
-    generation = start_generation(ctx, spec, request)
+    generation = await start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_chunks(generation, include_usage), ping=ping_interval(ctx.settings.sse_ping))
@@ -93,12 +93,24 @@ async def completions(body: CompletionRequest, request: Request, ctx: AppContext
     })
 
 
-@router.get("/v1/models")
-async def models(ctx: AppContext = Depends(get_ctx)) -> dict[str, Any]:
-    """The served model (one, or none while loading)."""
+def _card(ctx: AppContext) -> dict[str, Any]:
     engine = ctx.holder.current
     if engine is None:
         raise APIError(503, "the model is not loaded yet", code="model_not_ready")
     created = int(engine.meta.get("created") or 0)
-    return {"object": "list",
-            "data": [{"id": engine.name, "object": "model", "created": created, "owned_by": "pocketgpt"}]}
+    return {"id": engine.name, "object": "model", "created": created, "owned_by": "pocketgpt"}
+
+
+@router.get("/v1/models")
+async def models(ctx: AppContext = Depends(get_ctx)) -> dict[str, Any]:
+    """The served model (one, or none while loading)."""
+    return {"object": "list", "data": [_card(ctx)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, ctx: AppContext = Depends(get_ctx)) -> dict[str, Any]:
+    """One model (the openai SDK's `models.retrieve`): the served one, by its id (which may hold a `/`) or by
+    the other names it answers to; any other id is 404 `model_not_found`."""
+    card = _card(ctx)
+    check_model(model_id, card["id"])
+    return card
