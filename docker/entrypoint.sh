@@ -3,6 +3,9 @@
 #
 #   1. When the checkpoint to serve does not exist yet, train the starter model on the built-in corpus
 #      (once; a few minutes on CPU, capped by POCKETGPT_STARTER_MAX_TIME). Later starts skip this.
+#      SIGTERM/SIGINT during that training (docker stop, Ctrl-C) are passed on to the trainer, which saves and
+#      exits; this script then exits with the trainer's status instead of serving. Works as PID 1 (no init)
+#      and under an init (compose's `init: true`), where the trainer would otherwise be SIGKILLed.
 #   2. exec the server (so it is the process that receives SIGTERM/SIGINT), configured by the
 #      POCKETGPT_* environment, which it reads itself.
 #
@@ -41,6 +44,39 @@ STARTER_RUN="$CKPT_DIR/starter"
 STARTER="$STARTER_RUN/best"
 CKPT="${POCKETGPT_CHECKPOINT:-$STARTER}"
 
+# Run a command in the background, pass SIGTERM/SIGINT on to it, wait until it has exited; its status is left
+# in $status and whether a signal came in $stopped. A trapped signal makes `wait` return early (status > 128)
+# while the child still runs: wait again until it is gone. SIGINT is passed on as SIGTERM: Ctrl-C in a terminal
+# has already sent SIGINT to the child (same process group), and the trainer treats a second SIGINT as "stop
+# now, without saving"; any first signal asks it to finish the step and save.
+child=""
+stopped=""
+status=0
+forward_signal() {
+    stopped="$1"
+    [ -z "$child" ] || kill -s TERM "$child" 2>/dev/null || true
+}
+run_forwarding_signals() {
+    trap 'forward_signal TERM' TERM
+    trap 'forward_signal INT' INT
+    "$@" &
+    child=$!
+    while :; do
+        before="$stopped"
+        status=0
+        wait "$child" || status=$?
+        if [ "$stopped" = "$before" ] || ! kill -0 "$child" 2>/dev/null; then
+            break
+        fi
+    done
+    if [ "$stopped" != "$before" ]; then  # a signal raced the child's exit: this wait reports its real status
+        status=0
+        wait "$child" || status=$?
+    fi
+    child=""
+    trap - TERM INT
+}
+
 is_checkpoint() {  # a directory holding a config and weights (or the .NAME.old a crashed save leaves)
     [ -f "$1/config.json" ] && [ -f "$1/model.safetensors" ] && return 0
     old="$(dirname "$1")/.$(basename "$1").old"
@@ -68,7 +104,7 @@ train_starter() {
     rm -rf "$partial"
     # $args is split into words on purpose.
     # shellcheck disable=SC2086
-    "$PY" -m pocketgpt.training train \
+    run_forwarding_signals "$PY" -m pocketgpt.training train \
         --data "${POCKETGPT_STARTER_DATA:-stdlib}" \
         --device "$device" \
         --max-steps "$steps" \
@@ -76,6 +112,16 @@ train_starter() {
         --eval-every "$(( steps / 4 > 0 ? steps / 4 : 1 ))" \
         --out "$partial" \
         $args
+    if [ -n "$stopped" ]; then
+        # Not renamed into place: the next start trains the starter again.
+        log "SIG$stopped during the starter's training: the trainer stopped (status $status); not serving"
+        [ "$status" -ne 0 ] || status=143
+        exit "$status"
+    fi
+    if [ "$status" -ne 0 ]; then
+        log "the starter's training failed (status $status)"
+        exit "$status"
+    fi
     if ! is_checkpoint "$partial/best"; then
         log "training finished without a checkpoint in $partial/best"
         exit 1
