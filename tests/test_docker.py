@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,9 @@ def test_dockerfile_is_multistage_slim_nonroot_with_healthcheck() -> None:
     stages = _stages()
     assert len(stages) >= 2, "expected a builder stage and a runtime stage"
     runtime = stages[-1]
-    assert re.match(r"python:\$\{PYTHON_VERSION\}-slim\b|python:3\.\d+-slim\b", runtime[0][1]), runtime[0]
-    assert ("ARG", "PYTHON_VERSION=3.11") in _instructions(), "the runtime is python:3.11-slim"
+    assert runtime[0][1].split()[0] == stages[0][0][1].split()[0] == "${BASE_IMAGE}", "one base for both stages"
+    assert ("ARG", "PYTHON_VERSION=3.11") in _instructions()
+    assert ("ARG", "BASE_IMAGE=python:${PYTHON_VERSION}-slim") in _instructions(), "python:3.11-slim by default"
 
     user = [rest for ins, rest in runtime if ins == "USER"]
     assert user and user[-1].split(":")[0] not in ("0", "root"), f"runtime must not run as root: {user}"
@@ -99,6 +101,25 @@ def test_dockerfile_torch_variant_and_no_dev_dependencies() -> None:
         assert "[dev]" not in cmd and "-e " not in cmd, f"no dev extra / editable install in the image: {cmd}"
     runtime = _stages()[-1]
     assert not [r for i, r in runtime if i == "RUN" and "pip" in r], "the runtime stage installs nothing itself"
+
+
+def test_dockerfile_builds_with_the_legacy_builder_and_offline() -> None:
+    """No `# syntax=` line (BuildKit would fetch that frontend from Docker Hub) and no `COPY --chmod` (the legacy
+    builder rejects it); a wheelhouse build argument for offline installs, off unless it holds wheels."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I), "a syntax directive needs a registry"
+    copies = [rest for ins, rest in _instructions() if ins == "COPY"]
+    assert not [c for c in copies if "--chmod" in c], f"COPY --chmod breaks the legacy builder: {copies}"
+    assert ("ARG", "WHEELHOUSE=docker/wheelhouse") in _stages()[0]
+    assert "COPY ${WHEELHOUSE}/ /tmp/wheelhouse/" in [f"COPY {c}" for c in copies]
+    wheelhouse = ROOT / "docker" / "wheelhouse"
+    assert (wheelhouse / "README.md").is_file(), "the default wheelhouse exists (empty but for its README)"
+    assert "no-index = true" in text and "rm -f /opt/venv/pip.conf" in text, "offline config is builder-only"
+
+
+def _args() -> dict[str, str]:
+    """Build arguments with their defaults."""
+    return dict(rest.split("=", 1) for ins, rest in _instructions() if ins == "ARG" and "=" in rest)
 
 
 # -- .dockerignore ------------------------------------------------------------------------------------------
@@ -130,15 +151,16 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
     copied = []
     for ins, rest in _instructions():
         if ins == "COPY" and "--from=" not in rest:
-            copied += [w for w in rest.split()[:-1] if not w.startswith("--")]
+            copied += [w.replace("${WHEELHOUSE}", _args()["WHEELHOUSE"]) for w in rest.split()[:-1]
+                       if not w.startswith("--")]
     assert copied, "the Dockerfile copies build inputs"
     for src in copied:
         probe = src.rstrip("/")
-        probe = f"{probe}/x.py" if (ROOT / probe).is_dir() else probe
+        probe = f"{probe}/README.md" if (ROOT / probe).is_dir() else probe
         assert not _ignored(probe, patterns), f"{src} is copied by the Dockerfile but excluded by .dockerignore"
     for path in (".venv/bin/python", ".git/HEAD", "checkpoints/starter/best/model.safetensors", ".env",
                  "runs/x/metrics.jsonl", "data/ds.txt", "tests/test_docker.py", "app/__pycache__/main.cpython-311.pyc",
-                 "pocketgpt.egg-info/PKG-INFO", "pocketgpt.db"):
+                 "pocketgpt.egg-info/PKG-INFO", "pocketgpt.db", "docker/standin-base.sh"):
         assert _ignored(path, patterns), f"{path} must not be sent to the Docker build"
 
 
@@ -176,7 +198,39 @@ def test_compose_base_runs_without_gpu_and_override_adds_one() -> None:
     gpu = yaml.safe_load(COMPOSE_GPU.read_text())["services"]["api"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
-    assert "cuda" in gpu["build"]["args"]["TORCH_VARIANT"]
+    # one variable, TORCH_VARIANT, for both files (.env.example documents it); only the default differs
+    assert gpu["build"]["args"]["TORCH_VARIANT"] == "${TORCH_VARIANT:-cuda}"
+    assert gpu["image"] == "pocketgpt:${TORCH_VARIANT:-cuda}"
+    variables = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text() + COMPOSE_GPU.read_text()))
+    documented = set(re.findall(r"^#\s*([A-Z][A-Z0-9_]+)[=:]", (ROOT / ".env.example").read_text(), flags=re.M))
+    assert variables - {"POCKETGPT_DEVICE", "POCKETGPT_GPU_COUNT"} <= documented, variables - documented
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration such as `1m30s` or `60s`."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_compose_stop_grace_covers_the_servers_longest_shutdown() -> None:
+    """`docker compose stop` with a training job running: uvicorn's graceful timeout, then the job's grace to
+    save and exit, then the job watcher's slack must all end before Compose sends SIGKILL."""
+    import inspect
+
+    from pocketgpt.app.jobs.manager import JobManager
+    from pocketgpt.app.settings import Settings
+
+    serve_cli = (ROOT / "app" / "serve_cli.py").read_text()
+    uvicorn_grace = re.search(r"timeout_graceful_shutdown=([\d.]+)", serve_cli)
+    assert uvicorn_grace, "app/serve_cli.py no longer passes a literal timeout_graceful_shutdown: update this test"
+    poll = inspect.signature(JobManager).parameters["poll_interval_s"].default
+    watcher_slack = 5 * poll + 5  # JobManager.shutdown waits cancel_grace_s + 5 polls + 5 s for the watchers
+    engine_close = 5.0  # stopping the engine thread and freeing the model: ~1 s measured; margin for a busy host
+    longest = float(uvicorn_grace.group(1)) + Settings().cancel_grace_s + watcher_slack + engine_close
+    grace = _seconds(yaml.safe_load(COMPOSE.read_text())["services"]["api"]["stop_grace_period"])
+    assert grace >= longest + 5, f"stop_grace_period {grace}s < the server's longest shutdown {longest}s + 5s"
 
 
 def _compose_command() -> list[str] | None:
@@ -203,15 +257,15 @@ def test_compose_config_with_the_real_compose_parser(tmp_path: Path) -> None:
     cmd = _compose_command()
     assert cmd is not None
     env = base_env()
-    for extra in ("TORCH_VARIANT", "TORCH_VARIANT_GPU", "POCKETGPT_PUBLISH", "POCKETGPT_GPU_COUNT"):
+    for extra in ("TORCH_VARIANT", "POCKETGPT_PUBLISH", "POCKETGPT_GPU_COUNT"):
         env.pop(extra, None)
 
-    def config(*files: Path) -> dict:
+    def config(*files: Path, **variables: str) -> dict:
         argv = [*cmd, "--project-directory", str(ROOT)]
         for f in files:
             argv += ["-f", str(f)]
         out = subprocess.run([*argv, "config", "--format", "json"], capture_output=True, text=True, timeout=60,
-                             env=env, cwd=tmp_path)
+                             env={**env, **variables}, cwd=tmp_path)
         assert out.returncode == 0 and out.stdout.strip(), f"compose config failed:\n{out.stderr}"
         return json.loads(out.stdout)
 
@@ -227,6 +281,11 @@ def test_compose_config_with_the_real_compose_parser(tmp_path: Path) -> None:
     # the override adds to the base file, it does not replace it
     assert merged["environment"]["POCKETGPT_CHECKPOINT_DIR"] == cpu["environment"]["POCKETGPT_CHECKPOINT_DIR"]
     assert len(merged["volumes"]) == 3 and merged["healthcheck"] == cpu["healthcheck"]
+    # one TORCH_VARIANT (from .env or the shell) reaches both files
+    assert config(COMPOSE, TORCH_VARIANT="cu128")["services"]["api"]["build"]["args"]["TORCH_VARIANT"] == "cu128"
+    pinned = config(COMPOSE, COMPOSE_GPU, TORCH_VARIANT="cu128")["services"]["api"]
+    assert pinned["build"]["args"]["TORCH_VARIANT"] == "cu128" and pinned["image"] == "pocketgpt:cu128"
+    assert cpu["stop_grace_period"] == "1m0s" or _seconds(cpu["stop_grace_period"]) == 60
 
 
 def test_env_example_lists_only_known_settings() -> None:
@@ -308,6 +367,67 @@ def test_entrypoint_bootstraps_the_starter_then_serves_and_second_start_skips_tr
     log = proc.log()
     assert "training the starter model" not in log and "serving the existing checkpoint" in log, log[-3000:]
     assert (starter / "model.safetensors").stat().st_mtime_ns == weights_mtime
+
+
+def _metrics_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def _pids_running(fragment: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains `fragment`."""
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if fragment in cmdline and state != "Z":
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_entrypoint_passes_a_stop_signal_to_the_starter_trainer(
+    tmp_path: Path, entrypoint_env: dict[str, str], signum: int
+) -> None:
+    """docker stop (or Ctrl-C) during the first-run training: the trainer gets the signal, saves `last/`, and the
+    entrypoint exits promptly with the trainer's status instead of serving. The signal goes to the entrypoint's
+    process only, as Docker sends it to PID 1 (or an init passes it to its one child)."""
+    env = {**entrypoint_env, "POCKETGPT_STARTER_MAX_STEPS": "100000", "POCKETGPT_STARTER_MAX_TIME": "120",
+           "POCKETGPT_STARTER_ARGS": TINY_STARTER + " --log-every 1"}
+    partial = Path(env["POCKETGPT_CHECKPOINT_DIR"]) / ".starter.partial"
+    proc = Proc(["sh", str(ENTRYPOINT)], env=env, log=tmp_path / "entrypoint.log", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while not any(r["type"] == "train" for r in _metrics_records(partial)):
+            assert proc.popen.poll() is None, f"entrypoint exited early:\n{proc.log()[-3000:]}"
+            assert time.monotonic() < deadline, f"training never started:\n{proc.log()[-3000:]}"
+            time.sleep(0.1)
+        assert _pids_running(str(partial)), "the trainer runs as a child of the entrypoint"
+        sent = time.monotonic()
+        proc.popen.send_signal(signum)
+        code = proc.popen.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.stop()
+        for pid in _pids_running(str(partial)):  # an orphaned trainer (the bug) must not outlive the test
+            os.kill(pid, signal.SIGKILL)
+    log = proc.log()
+    assert code == 128 + signal.SIGTERM, f"exit status {code}, want the trainer's 143:\n{log[-3000:]}"
+    assert took < 20, f"took {took:.1f}s to stop"
+    assert not _pids_running(str(partial)), "the trainer outlived the entrypoint"
+    end = [r for r in _metrics_records(partial) if r["type"] == "end"]
+    assert end and end[-1]["reason"] == "signal", f"the trainer did not stop on the signal: {end}\n{log[-3000:]}"
+    assert (partial / "last" / "model.safetensors").is_file(), "the trainer saved last/ before exiting"
+    assert not (partial.parent / "starter").exists(), "an interrupted first run is not promoted to the starter"
+    assert f"SIG{signal.Signals(signum).name[3:]} during the starter's training" in log, log[-3000:]
+    assert "starting the server" not in log
 
 
 def test_entrypoint_refuses_a_missing_explicit_checkpoint(tmp_path: Path, entrypoint_env: dict[str, str]) -> None:
