@@ -24,6 +24,9 @@
 #   POCKETGPT_PYTHON             interpreter that has pocketgpt installed (default python3, found on PATH:
 #                                the image's venv, or .venv/bin when `make serve` runs this)
 set -eu
+# Until the trainer or the server runs, a stop request simply ends the script (as PID 1, sh would ignore it).
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 log() {
     printf 'pocketgpt: %s\n' "$*" >&2
@@ -61,6 +64,7 @@ run_forwarding_signals() {
     trap 'forward_signal INT' INT
     "$@" &
     child=$!
+    [ -z "$stopped" ] || kill -s TERM "$child" 2>/dev/null || true  # a signal that came before $child was set
     while :; do
         before="$stopped"
         status=0
@@ -74,7 +78,8 @@ run_forwarding_signals() {
         wait "$child" || status=$?
     fi
     child=""
-    trap - TERM INT
+    trap 'exit 143' TERM
+    trap 'exit 130' INT
 }
 
 is_checkpoint() {  # a directory holding a config and weights (or the .NAME.old a crashed save leaves)

@@ -2,7 +2,8 @@
 
 Run with `make test-docker` (or `pytest -m docker tests/test_docker_e2e.py`) on a host with a running Docker
 engine and Compose v2.24+; `.ci/run` runs it as its own step when POCKETGPT_CI_DOCKER=1 (it can start a daemon).
-Without an engine every test here is skipped, saying why.
+Without an engine every test here is skipped, saying why. With POCKETGPT_E2E_TIMINGS=FILE the seconds each stage
+took are written to FILE as JSON (docs/benchmarks/docker-e2e.json was written so).
 
 No image is pulled and nothing is downloaded at build time, so it also runs on machines that reach only a
 package index:
@@ -48,6 +49,20 @@ STANDIN_BASE = "pocketgpt-standin-base:bookworm"
 STARTER_DATA = "/opt/venv/lib/python3.11/site-packages/pocketgpt/model"
 CONTEXT_PATHS = ("pyproject.toml", "README.md", ".dockerignore", "model", "training", "app", "pocketgpt",
                  "docker/entrypoint.sh", "docker/wheelhouse/README.md")
+
+
+TIMINGS: dict[str, float] = {}  # stage -> seconds, for POCKETGPT_E2E_TIMINGS
+
+
+def _write_timings(base_image: str) -> None:
+    target = os.environ.get("POCKETGPT_E2E_TIMINGS")
+    if not target:
+        return
+    record = {"command": "POCKETGPT_E2E_TIMINGS=FILE make test-docker", "base_image": base_image,
+              "builder": "legacy (DOCKER_BUILDKIT=0), offline from a wheelhouse", "cores": os.cpu_count(),
+              "seconds": {k: round(v, 1) for k, v in TIMINGS.items()}, "load_average_after": os.getloadavg(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(target).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _run(argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess[str]:
@@ -196,20 +211,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if problem:
         pytest.skip(f"Docker end-to-end tests need a Docker engine and Compose v2: {problem}")
     tmp = tmp_path_factory.mktemp("docker-e2e")
+    started = time.monotonic()
     base_image = _base_image()
+    TIMINGS["base_image"] = time.monotonic() - started
+    started = time.monotonic()
     _build_context(tmp / "context", _wheelhouse())
+    TIMINGS["wheelhouse_and_context"] = time.monotonic() - started
     image = f"pocketgpt-e2e:{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     build = _run(["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base_image}",
                   "-t", image, str(tmp / "context")], timeout=1800, env={**os.environ, "DOCKER_BUILDKIT": "0"})
     assert build.returncode == 0, f"docker build failed:\n{build.stdout[-4000:]}{build.stderr[-4000:]}"
-    print(f"\nimage {image} built from {base_image} in {time.monotonic() - started:.0f}s (legacy builder, offline)")
+    TIMINGS["image_build"] = time.monotonic() - started
+    print(f"\nimage {image} built from {base_image} in {TIMINGS['image_build']:.0f}s (legacy builder, offline)")
     stack = Stack(tmp, image, free_port())
+    started = time.monotonic()
     try:
         yield stack
     finally:
+        TIMINGS["compose_stages"] = time.monotonic() - started
         _run([*stack.cmd, "down", "-v", "--remove-orphans", "-t", "5"], timeout=180, env=stack.env)
         _run(["docker", "image", "rm", "-f", image], timeout=120)
+        _write_timings(base_image)
+
+
+@pytest.fixture(autouse=True)
+def _timed(request: pytest.FixtureRequest) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    TIMINGS[request.node.name.removeprefix("test_")] = time.monotonic() - started
 
 
 def test_image_runs_as_non_root_without_dev_packages(stack: Stack) -> None:
@@ -228,6 +258,7 @@ def test_stop_during_the_first_start_training_saves_and_exits_143(stack: Stack) 
     stack.compose("up", "-d", "--no-build")
     stack.wait_log(r"step \d+/\d+ \| loss", timeout=180)
     took, code = stack.stop()
+    TIMINGS["stop_during_bootstrap_s"] = took
     print(f"\ncompose stop during the starter's training: {took:.1f}s, exit code {code}")
     logs = stack.logs()
     assert code == 143, f"exit code {code} (137 = SIGKILLed):\n{logs[-3000:]}"
@@ -276,6 +307,7 @@ def test_compose_stop_during_a_training_job_ends_within_the_grace(stack: Stack) 
             assert time.monotonic() < deadline, client.get(f"/admin/jobs/{job_id}").text
             time.sleep(0.5)
     took, code = stack.stop()
+    TIMINGS["stop_during_job_s"] = took
     print(f"\ncompose stop during a training job: {took:.1f}s, exit code {code}")
     grace = _seconds(yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]["stop_grace_period"])
     logs = stack.logs()
