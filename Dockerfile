@@ -39,7 +39,7 @@ RUN python -m venv /opt/venv \
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, in its own layer: it is by far the largest dependency and changes least often.
-# Installing it before the project means the project's loose "torch>=2.2" is already satisfied,
+# Installing it before the project means the project's loose "torch>=2.4" is already satisfied,
 # so pip never swaps in a different build.
 RUN if [ -f /opt/venv/pip.conf ]; then pip install "torch==${TORCH_VERSION}"; else case "$TORCH_VARIANT" in \
         cuda) pip install "torch==${TORCH_VERSION}" ;; \
