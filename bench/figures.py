@@ -29,6 +29,8 @@ ONE_THREAD = ROOT / "docs" / "benchmarks" / "results-1thread.json"  # python -m 
 SOAK = ROOT / "docs" / "benchmarks" / "soak.json"  # python bench/soak.py
 CLIENT_COST = ROOT / "docs" / "benchmarks" / "client_cost.json"  # python -m bench.client_cost
 ENGINE = ROOT / "docs" / "benchmarks" / "engine.json"  # python -m bench.engine
+FIRST_TOKEN = ROOT / "docs" / "benchmarks" / "first-token.json"  # python -m bench.first_token --compare-dev
+DOCKER_E2E = ROOT / "docs" / "benchmarks" / "docker-e2e.json"  # POCKETGPT_E2E_TIMINGS=FILE make test-docker
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -161,6 +163,38 @@ def _without_note(command: str) -> str:
     return shlex.join(words)
 
 
+# -- README.md: quick start and Docker -------------------------------------------------------------------------------
+def first_token_section(ft: dict[str, Any] | None) -> str:
+    """`git clone` to the first streamed token with `make serve`, from docs/benchmarks/first-token.json."""
+    if ft is None:
+        return f"No measurement recorded yet (`python -m bench.first_token --compare-dev` writes {rel(FIRST_TOKEN)})."
+    s, link = ft["seconds"], rel(FIRST_TOKEN)
+    limit = ft["starter_max_time_s"]
+    cap = f"at most {limit} s of training" if isinstance(limit, int | float) else "training up to its default cap"
+    text = (f"From `git clone` to the first streamed token (`curl -N`) took {s['clone_to_first_token'] / 60:.1f} "
+            f"minutes on {ft['cores']} CPU cores (load average {ft['load_average_before'][0]:.0f} from other work): "
+            f"{s['install_runtime']:.0f} s installing, {s['train_starter']:.0f} s for the starter (preparing its data, "
+            f"then {cap}), {s['server_start']:.0f} s starting the server.")
+    if "comparison" in ft:
+        c = ft["comparison"]
+        text += (f" Installing the dev extra too, as `make serve` used to, took another {s['install_dev_extra']:.0f} s "
+                 f"in the same run ({times(c['ratio'])} the whole wait; {ft['packages_with_dev']} packages instead of "
+                 f"{ft['packages_runtime']}; timed as an addition to the same venv).")
+    return text + (f" From [{link}]({link}): `{ft['command']}`, pip's cache as found, torch from a local wheel.")
+
+
+def docker_e2e_section(d: dict[str, Any] | None) -> str:
+    """How long the Docker end-to-end test takes, from docs/benchmarks/docker-e2e.json."""
+    if d is None:
+        return f"No timing recorded yet (`POCKETGPT_E2E_TIMINGS={rel(DOCKER_E2E)} make test-docker` writes it)."
+    s, link = d["seconds"], rel(DOCKER_E2E)
+    return (f"On {d['cores']} CPU cores (load average {d['load_average_after'][0]:.0f} from other work) the image "
+            f"build took {s['image_build'] / 60:.1f} minutes ({d['builder']}) and the Compose stages "
+            f"{s['compose_stages'] / 60:.1f} minutes; `docker compose stop` took {s['stop_during_bootstrap_s']:.1f} s "
+            f"during the starter's training and {s['stop_during_job_s']:.1f} s during a training job. The stand-in "
+            f"base image and the wheelhouse were already built (a first run adds them). From [{link}]({link}).")
+
+
 # -- bench/analysis.md: the placeholders ---------------------------------------------------------------------------
 def analysis_values(results: dict[str, Any], one_thread: dict[str, Any] | None = None,
                     client_cost: dict[str, Any] | None = None) -> dict[str, str]:
@@ -260,7 +294,12 @@ def readme_engine(engine: dict[str, Any]) -> str:
 # -- blocks in Markdown files ----------------------------------------------------------------------------------------
 def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
     results, soak, engine = load(RESULTS), load(SOAK), load(ENGINE)
-    blocks: list[tuple[Path, str, Callable[[], str]]] = [(RELIABILITY, "soak", lambda: soak_section(soak))]
+    first_token, docker_e2e = load(FIRST_TOKEN), load(DOCKER_E2E)
+    blocks: list[tuple[Path, str, Callable[[], str]]] = [
+        (RELIABILITY, "soak", lambda: soak_section(soak)),
+        (README, "first-token", lambda: first_token_section(first_token)),
+        (README, "docker-e2e", lambda: docker_e2e_section(docker_e2e)),
+    ]
     if results is not None:
         blocks.append((README, "performance", lambda: readme_performance(results, soak)))
     if engine is not None:

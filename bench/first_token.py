@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +51,12 @@ def _packages(venv: Path) -> int:
     out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "freeze"],
                          capture_output=True, text=True, timeout=120)
     return len(out.stdout.split())
+
+
+def _starter_cap(log: str) -> int | None:
+    """The training cap the entrypoint applied, from its line `(N steps at most, Ts at most, on DEVICE)`."""
+    match = re.search(r"steps at most, (\d+)s at most", log)
+    return int(match.group(1)) if match else None
 
 
 def _first_token(base: str) -> float:
@@ -114,7 +121,7 @@ def measure(source: str, starter_max_time: int | None, compare_dev: bool, timeou
                    + (" --compare-dev" if compare_dev else ""),
         "source_commit": commit.strip(),
         "python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform(),
-        "starter_max_time_s": starter_max_time if starter_max_time is not None else "default (300 on CPU)",
+        "starter_max_time_s": _starter_cap(log_path.read_text(errors="replace")),
         "pip_cache": "as found on the machine (pip's own cache and configured indexes/find-links, not cleared)",
         "seconds": {
             "clone": marks["clone"] - t0,
