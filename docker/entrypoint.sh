@@ -4,7 +4,7 @@
 #   1. When the checkpoint to serve does not exist yet, train the starter model on the built-in corpus
 #      (once; a few minutes on CPU, capped by POCKETGPT_STARTER_MAX_TIME). Later starts skip this.
 #      SIGTERM/SIGINT during that training (docker stop, Ctrl-C) are passed on to the trainer, which saves and
-#      exits; this script then exits with the trainer's status instead of serving. Works as PID 1 (no init)
+#      exits; this script then exits with the trainer's status instead of serving, and the next start resumes. Works as PID 1 (no init)
 #      and under an init (compose's `init: true`), where the trainer would otherwise be SIGKILLed.
 #   2. exec the server (so it is the process that receives SIGTERM/SIGINT), configured by the
 #      POCKETGPT_* environment, which it reads itself.
@@ -90,7 +90,8 @@ is_checkpoint() {  # a directory holding a config and weights (or the .NAME.old 
 
 train_starter() {
     # Train into a hidden partial run dir and rename it into place only on success, so an interrupted
-    # first run is never mistaken for a finished one: the next start trains again.
+    # first run is never mistaken for a finished one. The next start resumes it from the `last/` checkpoint the
+    # trainer saved when it was stopped (or trains afresh when there is none, or it cannot be resumed).
     partial="$CKPT_DIR/.starter.partial"
     device="${POCKETGPT_DEVICE:-auto}"
     if [ "$device" = auto ]; then
@@ -106,19 +107,32 @@ train_starter() {
     log "no checkpoint at $CKPT: training the starter model on '${POCKETGPT_STARTER_DATA:-stdlib}'" \
         "($steps steps at most, ${max_time}s at most, on $device)"
     mkdir -p "$CKPT_DIR"
-    rm -rf "$partial"
-    # $args is split into words on purpose.
-    # shellcheck disable=SC2086
-    run_forwarding_signals "$PY" -m pocketgpt.training train \
-        --data "${POCKETGPT_STARTER_DATA:-stdlib}" \
-        --device "$device" \
-        --max-steps "$steps" \
-        --max-time "$max_time" \
-        --eval-every "$(( steps / 4 > 0 ? steps / 4 : 1 ))" \
-        --out "$partial" \
-        $args
+    fresh=1
+    if is_checkpoint "$partial/last"; then
+        log "resuming the starter's interrupted training from $partial/last"
+        run_forwarding_signals "$PY" -m pocketgpt.training train --resume "$partial" \
+            --device "$device" --max-steps "$steps" --max-time "$max_time"
+        fresh=0
+        if [ -z "$stopped" ] && { [ "$status" -ne 0 ] || ! is_checkpoint "$partial/best"; }; then
+            log "could not resume (status $status, or no best checkpoint): training the starter from the beginning"
+            fresh=1
+        fi
+    fi
+    if [ "$fresh" = 1 ]; then
+        rm -rf "$partial"
+        # $args is split into words on purpose.
+        # shellcheck disable=SC2086
+        run_forwarding_signals "$PY" -m pocketgpt.training train \
+            --data "${POCKETGPT_STARTER_DATA:-stdlib}" \
+            --device "$device" \
+            --max-steps "$steps" \
+            --max-time "$max_time" \
+            --eval-every "$(( steps / 4 > 0 ? steps / 4 : 1 ))" \
+            --out "$partial" \
+            $args
+    fi
     if [ -n "$stopped" ]; then
-        # Not renamed into place: the next start trains the starter again.
+        # Not renamed into place: the next start resumes from what the trainer saved.
         log "SIG$stopped during the starter's training: the trainer stopped (status $status); not serving"
         [ "$status" -ne 0 ] || status=143
         exit "$status"

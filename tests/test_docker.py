@@ -430,6 +430,37 @@ def test_entrypoint_passes_a_stop_signal_to_the_starter_trainer(
     assert "starting the server" not in log
 
 
+def test_entrypoint_resumes_an_interrupted_starter(tmp_path: Path, entrypoint_env: dict[str, str]) -> None:
+    """The next start continues the stopped first run from its `last/` checkpoint, then serves it."""
+    partial = Path(entrypoint_env["POCKETGPT_CHECKPOINT_DIR"]) / ".starter.partial"
+    env = {**entrypoint_env, "POCKETGPT_STARTER_MAX_STEPS": "100000",
+           "POCKETGPT_STARTER_ARGS": TINY_STARTER + " --log-every 1"}
+    proc = Proc(["sh", str(ENTRYPOINT)], env=env, log=tmp_path / "first.log", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while not any(r["type"] == "train" and r["step"] >= 3 for r in _metrics_records(partial)):
+            assert proc.popen.poll() is None and time.monotonic() < deadline, proc.log()[-3000:]
+            time.sleep(0.1)
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(timeout=30) == 143, proc.log()[-3000:]
+    finally:
+        proc.stop()
+    stopped_at = [r for r in _metrics_records(partial) if r["type"] == "end"][-1]["step"]
+
+    # same budget as the stopped run's flags, but few steps: the resumed run ends soon after where it stopped
+    env = {**entrypoint_env, "POCKETGPT_STARTER_MAX_STEPS": str(stopped_at + 4)}
+    proc, base = _run_entrypoint(env, tmp_path / "second.log")
+    try:
+        status, body = request("POST", f"{base}/v1/generate", {"prompt": "def ", "max_new_tokens": 4})
+        assert status == 200, body
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert "resuming the starter's interrupted training" in log and "starter model saved" in log, log[-3000:]
+    starts = [r for r in _metrics_records(Path(env["POCKETGPT_CHECKPOINT_DIR"]) / "starter") if r["type"] == "start"]
+    assert [r["resumed_from_step"] for r in starts][-1] == stopped_at, starts
+
+
 def test_entrypoint_refuses_a_missing_explicit_checkpoint(tmp_path: Path, entrypoint_env: dict[str, str]) -> None:
     env = {**entrypoint_env, "POCKETGPT_CHECKPOINT": str(tmp_path / "nope")}
     out = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=60)

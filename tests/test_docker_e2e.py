@@ -16,8 +16,8 @@ package index:
   Docker's bridge is never used.
 
 The stages, in order, on one Compose project with its own volumes: a first start stopped during the starter's
-training (the trainer saves, the container exits 143, not 137); a first start that trains the starter and serves
-a streamed generation; a restart (new container, same volumes) that serves at once; `docker compose stop` while
+training (the trainer saves, the container exits 143, not 137); a second start that resumes that training, then
+serves a streamed generation; a restart (new container, same volumes) that serves at once; `docker compose stop` while
 an admin training job runs, which ends within the stop grace period with the job `interrupted`.
 """
 
@@ -267,12 +267,13 @@ def test_stop_during_the_first_start_training_saves_and_exits_143(stack: Stack) 
     assert "starting the server" not in logs
 
 
-def test_first_start_trains_the_starter_and_streams(stack: Stack) -> None:
+def test_next_start_resumes_the_starter_then_streams(stack: Stack) -> None:
     before = len(stack.logs())
     stack.compose("start")
     stack.wait_ready(timeout=300)
     logs = stack.logs()[before:]
-    assert "training the starter model" in logs and "starter model saved" in logs, logs[-3000:]
+    # the first start was stopped during training: this one resumes from what the trainer saved then
+    assert "resuming the starter's interrupted training" in logs and "starter model saved" in logs, logs[-3000:]
     events = []
     with httpx.stream("POST", f"{stack.base}/v1/generate", timeout=60,
                       json={"prompt": "def ", "max_new_tokens": 12, "temperature": 0, "stream": True}) as r:
