@@ -19,6 +19,8 @@ ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
 # ---------------------------------------------------------------- builder: a venv with the app and its runtime deps
 FROM ${BASE_IMAGE} AS builder
+# The legacy builder keeps this stage as an untagged image: the label lets `docker image prune --filter` find it.
+LABEL org.pocketgpt.stage=builder
 
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0

@@ -232,6 +232,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         TIMINGS["compose_stages"] = time.monotonic() - started
         _run([*stack.cmd, "down", "-v", "--remove-orphans", "-t", "5"], timeout=180, env=stack.env)
         _run(["docker", "image", "rm", "-f", image], timeout=120)
+        # the legacy builder's untagged builder-stage image (only pocketgpt's: the Dockerfile labels that stage)
+        _run(["docker", "image", "prune", "-f", "--filter", "label=org.pocketgpt.stage=builder"], timeout=120)
         _write_timings(base_image)
 
 
