@@ -1,6 +1,7 @@
 # pocketgpt developer entry points. `make test` is the project's test command.
 #   make serve         runtime dependencies only (no test tooling), trains the starter on first run, serves
 #   make test / lint   the `dev` extra too (pytest, ruff, playwright, ...)
+#   make test-ray      the Ray Serve tests (marker ray)
 #   make test-docker   builds the image and runs it with Compose (needs a Docker engine; see tests/test_docker_e2e.py)
 PYTHON ?= python3
 VENV   := .venv
