@@ -191,8 +191,8 @@ def docker_e2e_section(d: dict[str, Any] | None) -> str:
     return (f"On {d['cores']} CPU cores (load average {d['load_average_after'][0]:.0f} from other work) the image "
             f"build took {s['image_build'] / 60:.1f} minutes ({d['builder']}) and the Compose stages "
             f"{s['compose_stages'] / 60:.1f} minutes; `docker compose stop` took {s['stop_during_bootstrap_s']:.1f} s "
-            f"during the starter's training and {s['stop_during_job_s']:.1f} s during a training job. Before the build: "
-            f"{s['base_image']:.0f} s for the base image (0 when the stand-in was already built), "
+            f"during the starter's training and {s['stop_during_job_s']:.1f} s during a training job. "
+            f"Before the build: {s['base_image']:.0f} s for the base image (0 when the stand-in was already built), "
             f"{s['wheelhouse_and_context']:.0f} s for the wheelhouse and build context (near 0 when cached). "
             f"From [{link}]({link}).")
 
