@@ -7,6 +7,10 @@
                        and "chat_template" for checkpoints fine-tuned on conversations (see model.chat)
     train_state.pt     optional: optimizer/scheduler/RNG/data position, loaded only with weights_only=True
 
+Format versions: 1 had multi-head attention only; 2 (this one) adds the Llama-family fields of ModelConfig
+(`n_kv_head`, `qkv_bias`, `mlp_width`, `rope_scaling`). `migrate_config` reads a version-1 config.json as the
+same model in version 2 terms, so old checkpoints load unchanged; a newer version than this code knows is refused.
+
 A save writes a sibling temp directory, fsyncs it, then swaps it in with renames, so a crash mid-save leaves
 the previous checkpoint whole (at worst under `.<name>.old`, which `resolve_checkpoint` recovers).
 """
@@ -32,7 +36,7 @@ from pocketgpt.model.config import ModelConfig
 from pocketgpt.model.gpt import GPT
 from pocketgpt.model.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS, CONFIG, TOKENIZER, META, TRAIN_STATE = (
     "model.safetensors", "config.json", "tokenizer.json", "meta.json", "train_state.pt",
 )
@@ -85,7 +89,8 @@ def save_checkpoint(
         save_file(_weights_to_save(model), str(tmp / WEIGHTS))
         model.config.save(tmp / CONFIG)
         tokenizer.save(tmp / TOKENIZER)
-        full_meta = {"format_version": FORMAT_VERSION, "created": time.time(), **(meta or {})}
+        # The version always describes what this code writes, even when `meta` was copied from an older one.
+        full_meta = {"created": time.time(), **(meta or {}), "format_version": FORMAT_VERSION}
         if chat_template is not None:
             chat_template.check(tokenizer)  # never write a template the tokenizer cannot render
             full_meta[CHAT_TEMPLATE_KEY] = chat_template.to_dict()
@@ -131,6 +136,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p} is not valid JSON: {e}") from e
 
 
+def migrate_config(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """config.json written at format `version` -> the field set of FORMAT_VERSION (same model, same weights)."""
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"meta.json format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format {version} is newer than this pocketgpt reads ({FORMAT_VERSION}): "
+                              "upgrade pocketgpt to load it")
+    if version == 1:
+        # Version 1 fused q/k/v with one key/value head per query head, biases all or none, derived MLP width.
+        data = {"n_kv_head": data.get("n_head"), "qkv_bias": False, "mlp_width": None, "rope_scaling": None, **data}
+    return data
+
+
 def _load_weights(path: Path, model: GPT) -> None:
     try:
         tensors = load_file(str(path))
@@ -156,8 +174,12 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load model (in eval mode, on `device`, cast to `dtype`), tokenizer and meta from a checkpoint dir."""
     root = resolve_checkpoint(path)
+    meta = read_meta(root)
     try:
-        config = ModelConfig.load(root / CONFIG)
+        raw = json.loads((root / CONFIG).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        config = ModelConfig.from_dict(migrate_config(raw, meta.get("format_version", 1)))
     except FileNotFoundError as e:
         raise CheckpointError(f"missing {root / CONFIG}") from e
     except (ValueError, TypeError) as e:
@@ -172,7 +194,6 @@ def load_checkpoint(
         raise CheckpointError(
             f"{root / TOKENIZER} has {tokenizer.vocab_size} tokens but config.json vocab_size is {config.vocab_size}"
         )
-    meta = read_meta(root)
     try:
         chat_template = ChatTemplate.from_meta(meta)
         if chat_template is not None:

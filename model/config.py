@@ -13,25 +13,50 @@ Mlp = Literal["swiglu", "gelu"]
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling (`rope_scaling` with rope_type "llama3" in a Hugging Face config).
+
+    Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` keep their frequency, those
+    longer than `... / low_freq_factor` are slowed down by `factor`, and the band between is interpolated.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_max_position_embeddings > 0):
+            raise ValueError(f"invalid rope_scaling {self}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape and architecture switches of a decoder-only GPT.
 
     Defaults describe a modern layout (RoPE, RMSNorm, SwiGLU, no bias); the `gpt2` preset flips the switches
-    to the original GPT-2 layout so the same code can hold imported GPT-2 weights.
+    to the original GPT-2 layout so the same code can hold imported GPT-2 weights. The remaining fields cover
+    the Llama family (Llama 2/3, Qwen2, Mistral, SmolLM2, TinyLlama): grouped-query attention (`n_kv_head`),
+    an explicit MLP width, biases on q/k/v only (Qwen2), untied embeddings and Llama 3's RoPE scaling.
     """
 
     vocab_size: int = 8192
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: one per query head
     n_embd: int = 128
     block_size: int = 256  # context length in tokens
     dropout: float = 0.0
     positions: Positions = "rope"
     norm: Norm = "rmsnorm"
     mlp: Mlp = "swiglu"
-    bias: bool = False
+    bias: bool = False  # biases in every Linear and LayerNorm (GPT-2)
+    qkv_bias: bool = False  # biases in the q/k/v projection only (Qwen2)
+    mlp_width: int | None = None  # the MLP's hidden width; None: derived from n_embd (see mlp_hidden)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -40,6 +65,11 @@ class ModelConfig:
             "n_layer": self.n_layer > 0,
             "n_head": self.n_head > 0,
             "n_embd": self.n_embd > 0 and self.n_embd % max(self.n_head, 1) == 0,
+            # Each key/value head serves a whole group of query heads.
+            "n_kv_head": self.n_kv_head is None or (0 < self.n_kv_head <= self.n_head
+                                                    and self.n_head % self.n_kv_head == 0),
+            "mlp_width": self.mlp_width is None or self.mlp_width > 0,
+            "rope_scaling": self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
             "block_size": self.block_size > 0,
             "dropout": 0.0 <= self.dropout < 1.0,
             "positions": self.positions in ("rope", "learned"),
@@ -57,7 +87,14 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: what the KV cache stores per token and layer (times head_dim, for k and v)."""
+        return self.n_kv_head or self.n_head
+
+    @property
     def mlp_hidden(self) -> int:
+        if self.mlp_width is not None:
+            return self.mlp_width
         # SwiGLU has three matrices instead of two, so 2/3 of 4x keeps the parameter count comparable.
         if self.mlp == "swiglu":
             return 64 * ((int(8 * self.n_embd / 3) + 63) // 64)
@@ -72,6 +109,9 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config field(s): {unknown}")
+        scaling = data.get("rope_scaling")
+        if isinstance(scaling, dict):
+            data = {**data, "rope_scaling": RopeScaling(**scaling)}
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

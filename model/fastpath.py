@@ -41,7 +41,7 @@ class FlatForward:
 
     def __init__(self, model: GPT) -> None:
         cfg = model.config
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.swiglu = cfg.mlp == "swiglu"
         self.layers = []
         for block in model.h:
@@ -59,10 +59,10 @@ class FlatForward:
 
     def hidden(self, idx: torch.Tensor, batch: CacheBatch | StaticBatch) -> torch.Tensor:
         """Hidden states after the final norm for (B, C) tokens `idx`: `GPT._run` without the modules."""
-        from pocketgpt.model.gpt import apply_rope  # a cycle at import time otherwise
+        from pocketgpt.model.gpt import apply_rope, attend, split_heads  # a cycle at import time otherwise
 
         B, T = idx.shape
-        H, D = self.n_head, self.head_dim
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         C = H * D
         positions = batch.positions
         x = F.embedding(idx, self.wte)
@@ -74,14 +74,13 @@ class FlatForward:
         for layer, (ln_1, w_attn, b_attn, w_proj, b_proj, ln_2, gate, w_fc, b_fc, w_out, b_out) in enumerate(
             self.layers
         ):
-            # The views split().view().transpose() makes, in one call: each of q, k, v is (B, H, T, D).
-            q, k, v = F.linear(_apply_norm(x, ln_1), w_attn, b_attn).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+            q, k, v = split_heads(F.linear(_apply_norm(x, ln_1), w_attn, b_attn), H, H_kv, D)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             k, v = batch.update(layer, k, v)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, is_causal=batch.is_causal)
+            y = attend(q, k, v, batch.mask, batch.is_causal)
             x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), w_proj, b_proj)
             h = _apply_norm(x, ln_2)
             if gate is not None:

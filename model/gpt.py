@@ -19,10 +19,24 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (block_size, head_dim // 2)."""
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The head_dim // 2 rotation frequencies, with Llama 3's scaling of the slow ones when configured."""
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    # 0 for wavelengths above original / low_freq_factor (scaled by 1/factor), 1 below original / high (kept).
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor
+                                                                                   - s.low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (block_size, head_dim // 2)."""
+    inv_freq = rope_frequencies(cfg)
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -34,27 +48,56 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def split_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """(B, T, (H + 2 Hkv) D) fused projections -> q (B, H, T, D), k and v (B, Hkv, T, D): views, no copies."""
+    B, T, _ = qkv.shape
+    if n_kv_head == n_head:  # one view + permute instead of three (the decode hot path counts calls)
+        return tuple(qkv.view(B, T, 3, n_head, head_dim).permute(2, 0, 3, 1, 4))
+    q, k, v = qkv.split((n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim), dim=2)
+    return (q.view(B, T, n_head, head_dim).transpose(1, 2), k.view(B, T, n_kv_head, head_dim).transpose(1, 2),
+            v.view(B, T, n_kv_head, head_dim).transpose(1, 2))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False,
+           dropout: float = 0.0) -> torch.Tensor:
+    """scaled_dot_product_attention where k/v may have fewer heads than q (each serving a group of q heads)."""
+    B, H, T, D = q.shape
+    n_kv = k.size(1)
+    if n_kv == H:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
+    if T == 1 and not is_causal:
+        # Decode: a group's queries become the rows of one KV head's attention, which reads each key once
+        # (the row mask, (B or 1, 1, 1, L), broadcasts over them). Much faster than enable_gqa with a mask on CPU.
+        y = F.scaled_dot_product_attention(q.view(B, n_kv, H // n_kv, D), k, v, attn_mask=mask, dropout_p=dropout)
+        return y.view(B, H, 1, D)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout, enable_gqa=True)
+    # A chunk under an explicit mask: enable_gqa has no fast kernel for that, so repeat the KV heads.
+    group = H // n_kv
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        kv_width = cfg.kv_heads * cfg.head_dim
+        # q, k and v in one matrix: n_embd query rows, then kv_width key rows and kv_width value rows.
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias or cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple | None, cache: CacheBatch | None) -> torch.Tensor:
         B, T, C = x.shape
-        H, D = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = split_heads(self.c_attn(x), self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
-            dropout = self.cfg.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = attend(q, k, v, is_causal=True, dropout=self.cfg.dropout if self.training else 0.0)
         else:
             k, v = cache.update(self.layer, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache.mask,
-                                               is_causal=cache.is_causal)
+            y = attend(q, k.to(q.dtype), v.to(q.dtype), cache.mask, cache.is_causal)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

@@ -18,19 +18,22 @@ from torch.nn.attention.bias import causal_lower_right
 
 
 class KVCache:
-    """Preallocated keys and values, shaped (layers, slots, heads, max_len, head_dim)."""
+    """Preallocated keys and values, shaped (layers, slots, kv_heads, max_len, head_dim).
+
+    With grouped-query attention only the key/value heads are stored: n_head / n_kv_head times less memory.
+    """
 
     def __init__(
         self,
         n_layer: int,
         n_slots: int,
         max_len: int,
-        n_head: int,
+        n_kv_head: int,
         head_dim: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_layer, n_slots, n_head, max_len, head_dim)
+        shape = (n_layer, n_slots, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_slots = n_slots
@@ -43,7 +46,7 @@ class KVCache:
         """A cache matching `model`'s shape, device and dtype."""
         cfg = model.config
         param = next(model.parameters())
-        return cls(cfg.n_layer, n_slots, max_len or cfg.block_size, cfg.n_head, cfg.head_dim,
+        return cls(cfg.n_layer, n_slots, max_len or cfg.block_size, cfg.kv_heads, cfg.head_dim,
                    param.device, param.dtype)
 
     def batch(self, slots: list[int], starts: list[int], n_new: int) -> CacheBatch:
@@ -94,7 +97,7 @@ class CacheBatch:
         self._read = slice(first, first + n) if contiguous else self._rows
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this pass's keys/values (B, H, C, D) and return all keys/values the rows can see."""
+        """Write this pass's keys/values (B, Hkv, C, D) and return all keys/values the rows can see."""
         ck, cv = self.cache.layers[layer]
         if k.dtype != ck.dtype:
             k, v = k.to(ck.dtype), v.to(cv.dtype)

@@ -32,7 +32,8 @@ def make_tiny_checkpoint(
     """Write a randomly initialised tiny checkpoint (sharpened so greedy decoding is not a coin toss)."""
     tok = train_tokenizer(small_corpus(), vocab_size=vocab_size)
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=block_size, **overrides)
+    cfg = ModelConfig(**{"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                         "block_size": block_size, **overrides})
     model = GPT(cfg)
     with torch.no_grad():
         model.wte.weight.mul_(20)

@@ -29,9 +29,29 @@ def test_round_trip_same_logits(tmp_path: Path) -> None:
     idx = torch.tensor([a.tokenizer.encode("def add(a, b):")])
     b = load_checkpoint(path)
     assert torch.equal(a.model(idx)[0], b.model(idx)[0])
-    assert a.meta["format_version"] == 1 and a.meta["step"] == 0
+    assert a.meta["format_version"] == 2 and a.meta["step"] == 0
     # Tied embeddings survive the file format (lm_head is not stored separately).
     assert b.model.lm_head.weight.data_ptr() == b.model.wte.weight.data_ptr()
+
+
+def test_format_1_checkpoint_loads_unchanged(tmp_path: Path) -> None:
+    """A checkpoint written before format 2 (no n_kv_head/qkv_bias/mlp_width/rope_scaling) loads as the same
+    model; a format newer than this code is refused by name."""
+    path = make_tiny_checkpoint(tmp_path / "ck")
+    want = load_checkpoint(path)
+    cfg = json.loads((path / "config.json").read_text())
+    for key in ("n_kv_head", "qkv_bias", "mlp_width", "rope_scaling"):
+        del cfg[key]
+    (path / "config.json").write_text(json.dumps(cfg))
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    old = load_checkpoint(path)
+    assert old.config == want.config.with_overrides(n_kv_head=2) and old.config.kv_heads == 2
+    idx = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(old.model(idx)[0], want.model(idx)[0])
+    (path / "meta.json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(CheckpointError, match="format 3 is newer"):
+        load_checkpoint(path)
 
 
 def test_untied_gpt2_layout_round_trip(tmp_path: Path) -> None:

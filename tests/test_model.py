@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from pocketgpt.model.config import PRESETS, ModelConfig, preset
-from pocketgpt.model.gpt import GPT
+from pocketgpt.model.config import PRESETS, ModelConfig, RopeScaling, preset
+from pocketgpt.model.gpt import GPT, rope_frequencies
 from pocketgpt.model.kv_cache import KVCache
 
 LAYOUTS = {
@@ -14,6 +16,16 @@ LAYOUTS = {
     "gpt2": ModelConfig(
         vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=96,
         positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=False,
+    ),
+    # Llama-family switches: grouped-query attention (2 KV heads for 4 query heads), multi-query attention,
+    # and Qwen2's q/k/v-only biases with untied embeddings, an explicit MLP width and Llama 3 RoPE scaling.
+    "gqa": ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=96, mlp_width=48),
+    "mqa": ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=1, n_embd=32, block_size=96),
+    "qwen2": ModelConfig(
+        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=96, qkv_bias=True,
+        tie_embeddings=False, rope_theta=1e6, norm_eps=1e-6,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=32),
     ),
 }
 
@@ -25,6 +37,9 @@ def model(request) -> GPT:
     # Random init gives near-uniform logits; sharpen so argmax comparisons are meaningful.
     with torch.no_grad():
         m.wte.weight.mul_(20)
+        for name, p in m.named_parameters():
+            if name.endswith("c_attn.bias"):
+                p.normal_(std=0.5)  # zero-initialised: make the q/k/v biases count
     return m
 
 
@@ -135,3 +150,42 @@ def test_tiny_model_overfits_repeated_text() -> None:
         loss.backward()
         opt.step()
     assert first > 3.0 and loss.item() < 0.2
+
+
+def test_gqa_shapes_and_kv_cache_holds_only_the_kv_heads() -> None:
+    gqa, mha = LAYOUTS["gqa"], LAYOUTS["gqa"].with_overrides(n_kv_head=4)
+    m = GPT(gqa)
+    assert m.h[0].attn.c_attn.weight.shape == (32 + 2 * 2 * 8, 32)  # q: 4 heads of 8, k and v: 2 heads each
+    assert m.h[0].mlp.c_fc.weight.shape == (48, 32)  # the explicit MLP width
+    small, full = KVCache.for_model(m, n_slots=1), KVCache.for_model(GPT(mha), n_slots=1)
+    assert small.k.shape[2] == 2 and full.k.shape[2] == 4
+    assert small.k.numel() * 2 == full.k.numel()
+    with pytest.raises(ValueError, match="n_kv_head"):
+        ModelConfig(n_head=4, n_kv_head=3)
+
+
+def test_qkv_bias_and_untied_embeddings() -> None:
+    m = GPT(LAYOUTS["qwen2"])
+    attn = m.h[0].attn
+    assert attn.c_attn.bias is not None and attn.c_proj.bias is None and m.h[0].mlp.c_fc.bias is None
+    assert m.lm_head.weight.data_ptr() != m.wte.weight.data_ptr()
+
+
+def test_llama3_rope_scaling_keeps_fast_and_slows_slow_frequencies() -> None:
+    cfg = ModelConfig(n_head=1, n_embd=64, rope_theta=500000.0,
+                      rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=8192))
+    plain = rope_frequencies(dataclasses.replace(cfg, rope_scaling=None))
+    scaled = rope_frequencies(cfg)
+    wavelen = 2 * torch.pi / plain
+    fast, slow = wavelen < 8192 / 4.0, wavelen > 8192 / 1.0
+    assert fast.any() and slow.any() and not (fast & slow).any()
+    assert torch.equal(scaled[fast], plain[fast])
+    torch.testing.assert_close(scaled[slow], plain[slow] / 8.0)
+    middle = ~fast & ~slow
+    assert ((scaled[middle] < plain[middle]) & (scaled[middle] > plain[middle] / 8.0)).all()
+
+
+def test_new_config_fields_round_trip(tmp_path) -> None:
+    cfg = LAYOUTS["qwen2"]
+    cfg.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == cfg

@@ -31,14 +31,20 @@ LAYOUTS = {
     "modern": {},
     "gpt2": dict(positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=False),
     "gpt2-tied": dict(positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    "gqa": dict(n_head=4, n_kv_head=2, qkv_bias=True, tie_embeddings=False),
+    "mqa": dict(n_head=4, n_kv_head=1),
 }
 
 
 def make_model(layout: str, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    m = GPT(ModelConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=64, **LAYOUTS[layout])).eval()
+    shape = {"vocab_size": V, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}
+    m = GPT(ModelConfig(**{**shape, **LAYOUTS[layout]})).eval()
     with torch.no_grad():
         m.wte.weight.mul_(20)  # sharpen: argmax comparisons mean something
+        for name, p in m.named_parameters():
+            if name.endswith("c_attn.bias"):
+                p.normal_(std=0.5, generator=torch.Generator().manual_seed(seed))
     return m
 
 
@@ -85,7 +91,7 @@ def test_transposed_weights_keep_values_and_training_drops_the_fast_path() -> No
     assert m._flat is None
 
 
-@pytest.mark.parametrize("layout", ["modern", "gpt2"])
+@pytest.mark.parametrize("layout", ["modern", "gpt2", "gqa", "mqa"])
 def test_every_cache_form_equals_the_uncached_forward(layout: str) -> None:
     """Rows at one position (no mask), at different positions (mask), gathered slots, padded prefill."""
     m = make_model(layout).prepare_inference()
@@ -147,7 +153,7 @@ def test_buckets() -> None:
     assert dec.shape_for([8], [0]) == (12, 64)
 
 
-@pytest.mark.parametrize("layout", ["modern", "gpt2-tied"])
+@pytest.mark.parametrize("layout", ["modern", "gpt2-tied", "gqa"])
 def test_static_decode_step_equals_forward_cached(layout: str) -> None:
     """The CUDA-graph step (run eagerly on CPU): bucketed rows and lengths, idle and prefilling slots padded."""
     m = make_model(layout).prepare_inference()
@@ -191,8 +197,9 @@ def _greedy_run(engine: Engine, prompts: list[list[int]], n: int) -> list[list[i
     return asyncio.run(main())
 
 
-def test_engine_with_static_decode_and_batched_prefill_matches_the_plain_engine(tmp_path) -> None:
-    path = make_tiny_checkpoint(tmp_path / "ck", tie_embeddings=False)
+@pytest.mark.parametrize("heads", [{"n_head": 2}, {"n_head": 4, "n_kv_head": 1}], ids=["mha", "mqa"])
+def test_engine_with_static_decode_and_batched_prefill_matches_the_plain_engine(tmp_path, heads: dict) -> None:
+    path = make_tiny_checkpoint(tmp_path / "ck", tie_embeddings=False, **heads)
     tok = load_checkpoint(path).tokenizer
     prompts = [tok.encode(t) for t in ("The quick brown fox", "To be, or not", "a single step. " * 3, "x", "Hello")]
     plain = Engine(load_checkpoint(path), max_running=8, prefill_chunk=64, prefill_granule=64).start()
