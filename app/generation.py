@@ -64,7 +64,7 @@ def encode_prompt(engine: Engine, spec: GenerationSpec) -> tuple[list[int], tupl
         ids, stop_ids = spec.render(engine)
         return ids, stop_ids, b""
     # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
-    ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode(spec.prompt, allow_special=False))
+    ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode_prompt(spec.prompt, allow_special=False))
     return ids, (), heal
 
 

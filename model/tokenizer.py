@@ -1,9 +1,19 @@
-"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) plus an incremental stream decoder.
+"""BPE tokenizers (Hugging Face `tokenizers`) plus an incremental stream decoder.
 
-Every byte 0..255 is in the base vocabulary, so any text encodes with no unknown tokens and
-decodes back exactly. Decoding is done here from a precomputed id -> bytes table instead of
-the library's decoder, so that whole-sequence decoding and streaming decoding are the same
-byte concatenation followed by the same UTF-8 decoding, and cannot disagree.
+Two kinds of tokenizer.json read here: byte-level BPE (GPT-2, ours, Llama 3, Qwen2, SmolLM2) and
+SentencePiece-style BPE with a Metaspace ("▁" for space) and byte fallback ("<0xE5>" tokens for bytes
+the vocabulary lacks: Llama 2, TinyLlama, Mistral). Either way every token maps to exact bytes, so any
+text encodes and decodes back exactly. Decoding is done here from a precomputed id -> bytes table instead
+of the library's decoder, so that whole-sequence decoding and streaming decoding are the same byte
+concatenation followed by the same UTF-8 decoding, and cannot disagree; token healing and stop strings
+work on those bytes too. (The library's `decoders.DecodeStream` is not used: it has no end-of-stream
+flush, so bytes of an unfinished character would vanish instead of becoming U+FFFD, and it yields text,
+not the bytes token healing needs.) One difference from the library's decode: a SentencePiece tokenizer's
+leading "▁" is kept as a space, which is what a continuation of a prompt needs ("Hello" + " world").
+
+`TokenizerSettings` (a `tokenizer_config.json` beside tokenizer.json, in Hugging Face's key names) says
+which token ends a text, whether prompts start with a BOS token, and which other tokens end a generation
+(a chat model's end-of-turn, from generation_config.json). Without it: our own tokenizers' defaults.
 
 Note: by default a literal "<|endoftext|>" in input text is encoded as the special EOT id (the
 library's default for special tokens, which training data relies on). Untrusted text (the server's
@@ -13,8 +23,12 @@ prompts and chat messages) is encoded with `allow_special=False`: there it is pl
 from __future__ import annotations
 
 import codecs
+import json
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -27,6 +41,9 @@ TOKENIZER_FILENAME = "tokenizer.json"
 # Texts at least this long are encoded through the library's batch call, which releases the GIL while it works
 # (its single-text call holds it): a server thread encoding a long prompt then does not stall the event loop.
 RELEASE_GIL_CHARS = 2048
+SETTINGS_FILENAME = "tokenizer_config.json"
+METASPACE = "▁"
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -49,6 +66,63 @@ BYTE_ENCODER = _bytes_to_unicode()
 BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
 
 
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """The tokens with a role: end of text, beginning of text (prepended to prompts when `add_bos`), and
+    further tokens that end a generation (e.g. "<|im_end|>", "<|eot_id|>")."""
+
+    eos_token: str = EOT
+    bos_token: str | None = None
+    add_bos: bool = False
+    stop_tokens: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eos_token": self.eos_token, "bos_token": self.bos_token, "add_bos_token": self.add_bos,
+                "stop_tokens": list(self.stop_tokens)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenizerSettings:
+        """Parse our keys (Hugging Face's names; tokens may be {"content": ...} objects as HF writes them)."""
+        def token(value: Any) -> str | None:
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"a token must be a string, got {value!r}")
+            return value
+
+        eos = token(data.get("eos_token")) or EOT
+        stops = data.get("stop_tokens") or []
+        if not isinstance(stops, list):
+            raise ValueError("stop_tokens must be a list of strings")
+        return cls(eos_token=eos, bos_token=token(data.get("bos_token")),
+                   add_bos=bool(data.get("add_bos_token", False)),
+                   stop_tokens=tuple(t for t in map(token, stops) if t))
+
+    def is_default(self) -> bool:
+        return self == TokenizerSettings()
+
+
+def _decoder_parts(spec: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A tokenizer.json decoder as a flat list (Sequence decoders unpacked)."""
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        return [p for d in spec.get("decoders", []) for p in _decoder_parts(d)]
+    return [spec]
+
+
+def _token_kind(hf: HFTokenizer) -> str:
+    """"byte-level" or "metaspace", from the tokenizer's decoder; ValueError for anything else."""
+    parts = _decoder_parts(json.loads(hf.to_str()).get("decoder"))
+    types = {p.get("type") for p in parts}
+    if "ByteLevel" in types:
+        return "byte-level"
+    if "Metaspace" in types or any(p.get("type") == "Replace" and (p.get("pattern") or {}).get("String") == METASPACE
+                                   for p in parts):
+        return "metaspace"
+    raise ValueError(f"unsupported tokenizer (decoder {sorted(map(str, types)) or 'none'}): pocketgpt reads "
+                     "byte-level BPE and SentencePiece-style (Metaspace, byte fallback) tokenizers")
+
+
 def _resolve(path: str | Path) -> Path:
     """A directory means `<dir>/tokenizer.json` (handy for checkpoint directories)."""
     p = Path(path)
@@ -56,40 +130,60 @@ def _resolve(path: str | Path) -> Path:
 
 
 class Tokenizer:
-    """Thin wrapper over a byte-level BPE `tokenizers.Tokenizer` with exact byte decoding."""
+    """Thin wrapper over a BPE `tokenizers.Tokenizer` with exact byte decoding and the role tokens' ids."""
 
-    def __init__(self, hf: HFTokenizer) -> None:
+    def __init__(self, hf: HFTokenizer, settings: TokenizerSettings | None = None) -> None:
         self._hf = hf
-        eot = hf.token_to_id(EOT)  # by token, not by position: GPT-2 has it last (50256), ours first (0)
-        if eot is None:
-            raise ValueError(f"tokenizer has no {EOT!r} special token")
-        self.eot_id: int = eot
+        self.settings = settings = settings or TokenizerSettings()
+        # By token, not by position: GPT-2 has <|endoftext|> last (50256), ours first (0), Llama 2 "</s>" at 2.
+        self.eot_id: int = self._require(settings.eos_token, "end-of-text")
+        self.bos_id: int | None = self._require(settings.bos_token, "BOS") if settings.bos_token else None
+        if settings.add_bos and self.bos_id is None:
+            raise ValueError("add_bos_token is set but the tokenizer settings name no bos_token")
+        # Every id that ends a generation: end of text first, then e.g. a chat model's end of turn.
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(
+            [self.eot_id, *(self._require(t, "stop") for t in settings.stop_tokens)]))
         self._table = self._build_byte_table(hf)
         self._plain: HFTokenizer | None = None  # a copy that reads special-token strings as text, made lazily
 
+    def _require(self, token: str, role: str) -> int:
+        i = self._hf.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no {token!r} token (its {role} token)")
+        return i
+
     @staticmethod
     def _build_byte_table(hf: HFTokenizer) -> list[bytes]:
-        # Special tokens are control symbols, not text: they decode to nothing.
-        special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        kind = _token_kind(hf)
+        added = hf.get_added_tokens_decoder()
         table: list[bytes] = []
         for i in range(hf.get_vocab_size(with_added_tokens=True)):
             token = hf.id_to_token(i)
             if token is None:
                 raise ValueError(f"tokenizer vocabulary has a gap at id {i}")
-            if i in special:
-                table.append(b"")
-                continue
-            try:
-                table.append(bytes(BYTE_DECODER[c] for c in token))
-            except KeyError as exc:
-                raise ValueError(f"token {i} ({token!r}) is not byte-level BPE") from exc
+            if i in added:
+                # Special tokens are control symbols, not text: they decode to nothing. Other added tokens are
+                # stored as their text.
+                table.append(b"" if added[i].special else added[i].content.encode())
+            elif kind == "metaspace":
+                byte = BYTE_TOKEN.fullmatch(token)
+                table.append(bytes([int(byte[1], 16)]) if byte else token.replace(METASPACE, " ").encode())
+            else:
+                try:
+                    table.append(bytes(BYTE_DECODER[c] for c in token))
+                except KeyError as exc:
+                    raise ValueError(f"token {i} ({token!r}) is not byte-level BPE") from exc
         return table
 
     # -- persistence ---------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
-        """Load from a tokenizer.json file (or a directory containing one)."""
-        return cls(HFTokenizer.from_file(str(_resolve(path))))
+        """Load from a tokenizer.json file (or a directory containing one), with the tokenizer_config.json
+        beside it when there is one."""
+        target = _resolve(path)
+        side = target.with_name(SETTINGS_FILENAME)
+        settings = TokenizerSettings.from_dict(json.loads(side.read_text())) if side.is_file() else None
+        return cls(HFTokenizer.from_file(str(target)), settings)
 
     @classmethod
     def from_str(cls, json_str: str) -> Tokenizer:
@@ -101,6 +195,8 @@ class Tokenizer:
         target = _resolve(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         self._hf.save(str(target))
+        if not self.settings.is_default():
+            target.with_name(SETTINGS_FILENAME).write_text(json.dumps(self.settings.to_dict(), indent=2) + "\n")
         return target
 
     def to_str(self) -> str:
@@ -160,7 +256,12 @@ class Tokenizer:
         missing = [t for t in dict.fromkeys(tokens) if hf.token_to_id(t) is None]
         if missing:
             hf.add_special_tokens(missing)
-        return Tokenizer(hf)
+        return Tokenizer(hf, self.settings)
+
+    def encode_prompt(self, text: str, allow_special: bool = True) -> list[int]:
+        """`encode(text, allow_special)` with the BOS token first when the model expects one (add_bos_token)."""
+        ids = self.encode(text, allow_special)
+        return [self.bos_id, *ids] if self.settings.add_bos and self.bos_id is not None else ids
 
     def encode_batch(self, texts: Iterable[str], allow_special: bool = True) -> list[list[int]]:
         """Encode many texts at once (parallelised inside the library, without holding the GIL); `allow_special`

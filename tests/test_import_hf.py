@@ -137,13 +137,14 @@ def test_bad_directories_are_clear_errors(hf_model, tmp_path: Path, capsys) -> N
         (no_tok / name).write_bytes((with_json / name).read_bytes())
     with pytest.raises(UserError, match="no tokenizer"):
         import_hf(no_tok, tmp_path / "a")
-    other = tmp_path / "llama"
+    other = tmp_path / "bert"
     other.mkdir()
     for name in ("model.safetensors", "tokenizer.json"):
         (other / name).write_bytes((with_json / name).read_bytes())
-    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     assert training_main(["import-hf", str(other), "--out", str(tmp_path / "b")]) == 2
-    assert "only GPT-2-format models" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "architecture BertForMaskedLM is not supported" in err and "GPT2LMHeadModel, LlamaForCausalLM" in err
     assert training_main(["import-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
     assert "model directory not found" in capsys.readouterr().err
 

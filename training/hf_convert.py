@@ -1,9 +1,13 @@
-"""Hugging Face GPT-2 files -> pocketgpt model config, weights and tokenizer (the conversions, no file search).
+"""Hugging Face weights -> pocketgpt state dicts (GPT-2 and the Llama layout), and GPT-2's config and tokenizer.
 
 GPT-2 is our GPT with the layout switches learned positions, LayerNorm, GELU (tanh), biases and tied embeddings;
 the parameter names are the same (`h.N.attn.c_attn`, `h.N.mlp.c_fc`, ...) except for the `transformer.` prefix.
 The one real difference: GPT-2's Conv1D stores weights as [in, out] where nn.Linear wants [out, in], so every
 Conv1D weight is transposed.
+
+The Llama layout (Llama, Mistral, Qwen2) renames every tensor and keeps q, k and v apart, where our attention
+holds them in one matrix (q rows, then k, then v): they are concatenated. Its RoPE already rotates half-split
+pairs, as ours does, so no rows are permuted.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from pocketgpt.training.errors import UserError
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")  # causal-mask buffers older transformers saved
+LLAMA_GLOBAL = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight",
+                "lm_head.weight": "lm_head.weight"}
+LLAMA_LAYER = {  # within model.layers.N -> within h.N
+    "input_layernorm.weight": "ln_1.weight", "post_attention_layernorm.weight": "ln_2.weight",
+    "self_attn.o_proj.weight": "attn.c_proj.weight", "mlp.gate_proj.weight": "mlp.c_gate.weight",
+    "mlp.up_proj.weight": "mlp.c_fc.weight", "mlp.down_proj.weight": "mlp.c_proj.weight",
+}
+LLAMA_QKV = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+LLAMA_OTHER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def gpt2_model_config(hf: dict[str, Any], where: str) -> ModelConfig:
@@ -77,31 +90,58 @@ def read_weights(files: list[Path], is_pickle: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _checked(ours: dict[str, torch.Tensor], model: GPT, kind: str) -> dict[str, torch.Tensor]:
+    """`ours` with every shape checked against `model`, nothing missing, cast to the model's dtype."""
+    expected = model.state_dict()
+    tied = model.config.tie_embeddings
+    if tied:
+        ours.pop("lm_head.weight", None)  # tied to wte (often stored as a copy, or not at all)
+    for key, tensor in ours.items():
+        if key not in expected:
+            raise UserError(f"unexpected tensor {key!r}: not part of a {kind} LM")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise UserError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
+                            f"{tuple(expected[key].shape)}")
+    missing = sorted(set(expected) - set(ours) - ({"lm_head.weight"} if tied else set()))
+    if missing:
+        raise UserError(f"the weights lack {len(missing)} tensor(s) of a {kind} LM, e.g. {missing[:5]}")
+    dtype = next(model.parameters()).dtype
+    ours = {k: v.to(dtype).contiguous() for k, v in ours.items()}
+    if tied:
+        ours["lm_head.weight"] = ours["wte.weight"]
+    return ours
+
+
 def gpt2_state_dict(hf: dict[str, torch.Tensor], model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict from GPT-2 tensors: prefix stripped, Conv1D weights transposed, every shape checked."""
-    expected = model.state_dict()
     ours: dict[str, torch.Tensor] = {}
     for name, tensor in hf.items():
         key = name.removeprefix("transformer.")
-        if MASK_BUFFER.fullmatch(key):
-            continue
-        if key == "lm_head.weight" and model.config.tie_embeddings:
-            continue  # tied to wte (often stored as a copy, or not at all)
-        if key not in expected:
-            raise UserError(f"unexpected tensor {name!r}: not part of a GPT-2 LM")
-        if key.endswith(CONV1D):
-            tensor = tensor.t()
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise UserError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
-                            f"{tuple(expected[key].shape)}")
-        ours[key] = tensor.to(torch.float32).contiguous()
-    needed = set(expected) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
-    missing = sorted(needed - set(ours))
-    if missing:
-        raise UserError(f"the weights lack {len(missing)} tensor(s) of a GPT-2 LM, e.g. {missing[:5]}")
-    if model.config.tie_embeddings:
-        ours["lm_head.weight"] = ours["wte.weight"]
-    return ours
+        if not MASK_BUFFER.fullmatch(key):
+            ours[key] = tensor.t() if key.endswith(CONV1D) else tensor
+    return _checked(ours, model, "GPT-2")
+
+
+def llama_state_dict(hf: dict[str, torch.Tensor], model: GPT) -> dict[str, torch.Tensor]:
+    """Our state dict from Llama-layout tensors: renamed, q/k/v (and Qwen2's q/k/v biases) fused."""
+    ours: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in hf.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer derived from the config, saved by old transformers versions
+        if (m := LLAMA_QKV.fullmatch(name)) is not None:
+            qkv.setdefault(f"h.{m[1]}.attn.c_attn.{m[3]}", {})[m[2]] = tensor
+        elif name in LLAMA_GLOBAL:
+            ours[LLAMA_GLOBAL[name]] = tensor
+        elif (m := LLAMA_OTHER.fullmatch(name)) is not None and m[2] in LLAMA_LAYER:
+            ours[f"h.{m[1]}.{LLAMA_LAYER[m[2]]}"] = tensor
+        else:
+            raise UserError(f"unexpected tensor {name!r}: not part of a Llama-layout LM")
+    for key, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise UserError(f"{key}: the weights hold only {sorted(parts)} of q, k and v")
+        ours[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return _checked(ours, model, "Llama-layout")
 
 
 def gpt2_tokenizer(tokenizer_json: Path | None, vocab_merges: tuple[Path, Path] | None) -> Tokenizer:

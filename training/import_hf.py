@@ -1,10 +1,16 @@
-"""`python -m pocketgpt.training import-hf DIR --out CHECKPOINT`: a local Hugging Face GPT-2 model -> a checkpoint.
+"""`python -m pocketgpt.training import-hf DIR|ORG/NAME[@REV] --out CHECKPOINT`: a Hugging Face model -> a checkpoint.
 
-DIR is a model folder on disk as `save_pretrained` writes it (nothing is downloaded):
+Architectures: LlamaForCausalLM (Llama 2/3, SmolLM2, TinyLlama), Qwen2ForCausalLM, MistralForCausalLM (its
+context capped at the sliding window, within which it computes the same) and GPT2LMHeadModel. DIR is a model
+folder on disk as `save_pretrained` writes it; ORG/NAME downloads one from the Hub into its cache (JSON and
+safetensors files only):
 
-    config.json                              model_type "gpt2"
+    config.json                              `architectures` names one of the above
     model.safetensors                        or sharded: model.safetensors.index.json + its shards
-    tokenizer.json, or vocab.json + merges.txt
+    tokenizer.json (GPT-2: or vocab.json + merges.txt), tokenizer_config.json, generation_config.json
+
+Weights keep their stored dtype (`--dtype auto`) or are cast (`--dtype float32|bfloat16|float16`). The
+context is capped at `--max-context` tokens (default 8192), since the server's KV cache is sized by it.
 
 A folder with only `pytorch_model.bin` (pickle) is refused: unpickling can run code hidden in the file.
 `--allow-pickle` loads it anyway with torch.load(weights_only=True), which only rebuilds tensors and plain
@@ -25,6 +31,7 @@ from pocketgpt.training.errors import UserError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -79,55 +86,83 @@ def find_files(root: Path, allow_pickle: bool = False) -> HFFiles:
     return HFFiles(root / "config.json", weights, pickle, tokenizer_json, vocab_merges)
 
 
-def import_hf(src: str | Path, out: str | Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
-    """Convert the GPT-2-format model in `src` into a checkpoint directory `out`; returns its path."""
+def resolve_source(src: str | Path) -> Path:
+    """A local model folder, or the Hub snapshot of ORG/NAME[@REVISION] when no such folder exists."""
+    from pocketgpt.training import hf_hub
+
+    root = Path(src)
+    if root.is_dir() or not hf_hub.looks_like_hub_id(str(src)):
+        return root
+    return hf_hub.download(str(src))
+
+
+def import_hf(src: str | Path, out: str | Path, allow_pickle: bool = False, overwrite: bool = False,
+              dtype: str = "auto", max_context: int | None = None) -> Path:
+    """Convert the Hugging Face model `src` (a folder or ORG/NAME[@REV]) into a checkpoint `out`; returns its path."""
+    import torch
+
     from pocketgpt.model.checkpoint import save_checkpoint
     from pocketgpt.model.gpt import GPT
-    from pocketgpt.training.hf_convert import (
-        gpt2_model_config,
-        gpt2_state_dict,
-        gpt2_tokenizer,
-        read_json,
-        read_weights,
-    )
+    from pocketgpt.training.hf_convert import gpt2_state_dict, gpt2_tokenizer, llama_state_dict, read_json, read_weights
+    from pocketgpt.training.hf_families import DEFAULT_MAX_CONTEXT, family_for
+    from pocketgpt.training.hf_tokenizer import import_tokenizer
 
-    root, target = Path(src), Path(out)
+    target = Path(out)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists: choose another --out or pass --overwrite")
+    root = resolve_source(src)
     files = find_files(root, allow_pickle)
-    config = gpt2_model_config(read_json(files.config), str(files.config))
-    tokenizer = gpt2_tokenizer(files.tokenizer_json, files.vocab_merges)
+    hf_config = read_json(files.config)
+    family = family_for(hf_config, str(files.config))
+    config = family.model_config(hf_config, str(files.config), max_context or DEFAULT_MAX_CONTEXT)
+    if files.tokenizer_json is not None and family.layout == "llama":
+        tokenizer = import_tokenizer(root, hf_config)
+    else:
+        tokenizer = gpt2_tokenizer(files.tokenizer_json, files.vocab_merges)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
                         f"{config.vocab_size}")
-    model = GPT(config)
-    model.load_state_dict(gpt2_state_dict(read_weights(files.weights, files.pickle), model))
+    tensors = read_weights(files.weights, files.pickle)
+    stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    model = GPT(config).to(stored if dtype == "auto" else getattr(torch, dtype))
+    convert = llama_state_dict if family.layout == "llama" else gpt2_state_dict
+    model.load_state_dict(convert(tensors, model))
     meta = {
         "kind": "import", "step": 0, "tokens_seen": 0,
         "source": {
-            "format": "huggingface-gpt2", "path": str(root.resolve()),
-            "weights": [f.name for f in files.weights],
+            "format": f"huggingface-{family.layout}", "architecture": (hf_config.get("architectures") or ["?"])[0],
+            "path": str(root.resolve()), "origin": str(src), "weights": [f.name for f in files.weights],
             "tokenizer": "tokenizer.json" if files.tokenizer_json else "vocab.json+merges.txt",
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         },
     }
     return save_checkpoint(target, model, tokenizer, meta)
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="DIR", help="local Hugging Face GPT-2 model directory")
+    p.add_argument("source", metavar="DIR|ORG/NAME[@REV]",
+                   help="a local Hugging Face model directory, or a Hub model id to download")
     p.add_argument("--out", required=True, metavar="CHECKPOINT", help="checkpoint directory to write")
     p.add_argument("--allow-pickle", action="store_true",
                    help=f"accept {PICKLE} (loaded with torch.load(weights_only=True)) when no safetensors exist")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="weights' dtype in the checkpoint (auto: as stored)")
+    p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                   help="cap the context length (default 8192; the KV cache is sized by it)")
 
 
 def cmd_import_hf(ns: argparse.Namespace) -> int:
-    path = import_hf(ns.source, ns.out, allow_pickle=ns.allow_pickle, overwrite=ns.overwrite)
+    if ns.max_context is not None and ns.max_context < 1:
+        raise UserError("--max-context must be at least 1")
+    path = import_hf(ns.source, ns.out, allow_pickle=ns.allow_pickle, overwrite=ns.overwrite, dtype=ns.dtype,
+                     max_context=ns.max_context)
     from pocketgpt.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)  # read back: proves the checkpoint is whole and loadable
     c = ckpt.config
-    print(f"{path}: {ckpt.model.num_params():,} parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
+    print(f"{path}: {ckpt.model.num_params():,} parameters ({c.n_layer} layers, {c.n_head} heads "
+          f"({c.kv_heads} key/value), {c.n_embd} wide, "
           f"context {c.block_size}, vocab {c.vocab_size}; tokenizer {ckpt.tokenizer.vocab_size} tokens, "
           f"end-of-text id {ckpt.tokenizer.eot_id})", file=sys.stdout)
     return 0

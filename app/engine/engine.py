@@ -87,7 +87,7 @@ class Engine:
         prefix = PrefixIndex(prefix_blocks, prefix_block) if prefix_blocks > 0 else None
         self.scheduler = Scheduler(max_running, max_queue, prefill_chunk, self.prefill_granule, self.runner.max_len,
                                    self.lone_prefill_chunk, prefix)
-        self.output = Output(self.scheduler, self.eot_id, metrics)
+        self.output = Output(self.scheduler, self.eot_id, metrics, end_ids=self.tokenizer.stop_ids)
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._stopping = False
         self.steps = 0  # batched model steps taken

@@ -27,9 +27,11 @@ def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
 class Output:
     """Turns tokens and failures into events; retires finished sequences from `scheduler`."""
 
-    def __init__(self, scheduler: Scheduler, eot_id: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, eot_id: int, metrics: Metrics | None = None,
+                 end_ids: tuple[int, ...] = ()) -> None:
         self.scheduler = scheduler
         self.eot_id = eot_id
+        self.end_ids = frozenset((eot_id, *end_ids))  # end of text and any end-of-turn the model has
         self.metrics = metrics
         self._outbox: list[tuple[Ticket, Event]] = []
         self.finished: list[tuple[Sequence, int]] = []  # (sequence, the slot it held) ended normally this turn
@@ -48,7 +50,7 @@ class Output:
         seq.generated += 1
         if seq.history is not None:
             seq.history.append(token)
-        if token == self.eot_id or token in seq.request.stop_ids:  # stop_ids: e.g. a chat template's end
+        if token in self.end_ids or token in seq.request.stop_ids:  # stop_ids: e.g. a chat template's end
             text, stop = seq.text.finish()
             reason: FinishReason | None = "stop_sequence" if stop else "eos"
         else:
