@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pocketgpt.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from pocketgpt.model.chat_jinja import JinjaChatTemplate
 
 FORMAT = "pocketgpt-chat/1"
 META_KEY = "chat_template"  # the key of meta.json that holds the template
@@ -74,10 +77,21 @@ class ChatTemplate:
         return cls(roles=dict(roles), end=data.get("end"))
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> ChatTemplate | None:
-        """The template a checkpoint's meta.json carries, or None when it has none."""
+    def from_meta(cls, meta: Mapping[str, Any]) -> ChatTemplate | JinjaChatTemplate | None:
+        """The template a checkpoint's meta.json carries (ours, or a model's own Jinja one), or None."""
         data = meta.get(META_KEY)
+        if isinstance(data, dict) and data.get("format") == "jinja":
+            from pocketgpt.model.chat_jinja import JinjaChatTemplate
+
+            return JinjaChatTemplate.from_dict(data)
         return None if data is None else cls.from_dict(data)
+
+    def to_jinja(self) -> str:
+        """The same rendering as a Jinja chat template, for exported models (tokenizer_config.json)."""
+        roles = "".join(f"{{% {'if' if i == 0 else 'elif'} m['role'] == '{r}' %}}{{{{ '{self.roles[r]}' }}}}"
+                        for i, r in enumerate(ROLES))
+        return (f"{{% for m in messages %}}{roles}{{% endif %}}{{{{ m['content'] + '{self.end}' }}}}{{% endfor %}}"
+                f"{{% if add_generation_prompt %}}{{{{ '{self.roles['assistant']}' }}}}{{% endif %}}")
 
     # -- tokens ------------------------------------------------------------------------------------
     @property

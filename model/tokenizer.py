@@ -258,6 +258,16 @@ class Tokenizer:
             hf.add_special_tokens(missing)
         return Tokenizer(hf, self.settings)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's (start, end) character span in `text`."""
+        enc = self._hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The strings of the special (control) tokens, e.g. "<|im_start|>", "</s>"."""
+        return [t.content for t in self._hf.get_added_tokens_decoder().values() if t.special]
+
     def encode_prompt(self, text: str, allow_special: bool = True) -> list[int]:
         """`encode(text, allow_special)` with the BOS token first when the model expects one (add_bos_token)."""
         ids = self.encode(text, allow_special)

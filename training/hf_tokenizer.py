@@ -10,11 +10,13 @@ GPT-2 folders without tokenizer.json (vocab.json + merges.txt) go through hf_con
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from pocketgpt.model.chat_jinja import JinjaChatTemplate
 from pocketgpt.model.tokenizer import EOT, Tokenizer, TokenizerSettings
 from pocketgpt.training.errors import UserError
 from pocketgpt.training.hf_convert import read_json
@@ -81,3 +83,19 @@ def import_tokenizer(root: Path, model_config: dict[str, Any]) -> Tokenizer:
         return Tokenizer(hf, settings)
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+def import_chat_template(root: Path) -> JinjaChatTemplate | None:
+    """The model's own chat template (tokenizer_config.json `chat_template`, a string or a list of named ones,
+    of which "default" is used), or None when it has none or it does not render (said on stderr)."""
+    template = read_tokenizer_config(root).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not template:
+        return None
+    try:
+        return JinjaChatTemplate(template)
+    except ValueError as e:
+        print(f"warning: {root / TOKENIZER_CONFIG}: chat_template not imported: {e}", file=sys.stderr)
+        return None

@@ -105,7 +105,7 @@ def import_hf(src: str | Path, out: str | Path, allow_pickle: bool = False, over
     from pocketgpt.model.gpt import GPT
     from pocketgpt.training.hf_convert import gpt2_state_dict, gpt2_tokenizer, llama_state_dict, read_json, read_weights
     from pocketgpt.training.hf_families import DEFAULT_MAX_CONTEXT, family_for
-    from pocketgpt.training.hf_tokenizer import import_tokenizer
+    from pocketgpt.training.hf_tokenizer import import_chat_template, import_tokenizer
 
     target = Path(out)
     if target.exists() and not overwrite:
@@ -136,7 +136,14 @@ def import_hf(src: str | Path, out: str | Path, allow_pickle: bool = False, over
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         },
     }
-    return save_checkpoint(target, model, tokenizer, meta)
+    template = import_chat_template(root) if files.tokenizer_json is not None else None
+    if template is not None:
+        try:
+            template.check(tokenizer)
+        except ValueError as e:
+            print(f"warning: the model's chat template was not imported: {e}", file=sys.stderr)
+            template = None
+    return save_checkpoint(target, model, tokenizer, meta, chat_template=template)
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: OpenAI chat completions (JSON and SSE) for checkpoints with a chat template.
 
 The messages are rendered with the served checkpoint's template (model.chat, the same code the fine-tuning
-trainer used), and generation stops at the template's end marker. A checkpoint without a template answers 400
+trainer used; an imported model's own Jinja template, model.chat_jinja), and generation stops at the
+template's end marker or any of the model's end tokens. A checkpoint without a template answers 400
 `no_chat_template`. A stream is `data: {chunk}` lines: the first delta carries the role, the last chunk with a
 choice carries `finish_reason`, then, with `stream_options.include_usage`, a chunk with empty `choices` and the
 usage, and finally `data: [DONE]`.
@@ -40,7 +41,10 @@ def chat_renderer(messages: list[dict[str, str]]) -> PromptRenderer:
                 400, f"model {engine.name!r} has no chat template, so it cannot take chat messages: it was not "
                 "fine-tuned on conversations. Use /v1/completions with a text prompt, or fine-tune it with "
                 "`pocketgpt train --task sft` on messages data.", param="messages", code="no_chat_template")
-        rendered = template.render(engine.tokenizer, messages, add_generation_prompt=True)
+        try:
+            rendered = template.render(engine.tokenizer, messages, add_generation_prompt=True)
+        except ValueError as e:  # a model's own template refused them, or content holds a special token
+            raise APIError(422, str(e), param="messages", code="invalid_messages") from None
         return rendered.ids, template.stop_ids(engine.tokenizer)
 
     return render
