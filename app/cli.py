@@ -1,7 +1,7 @@
 """`pocketgpt` console entry point: a thin dispatcher over the project's subcommands.
 
-`train`, `eval`, `prepare` and `import-hf` run `python -m pocketgpt.training <subcommand> ...` in place of this
-process (os.execv), so the app package never imports training internals. `serve` and
+`train`, `eval`, `prepare`, `import-hf` and `export` run `python -m pocketgpt.training <subcommand> ...` in
+place of this process (os.execv), so the app package never imports training internals. `serve` and
 `generate` run in-process through `app.serve_cli.main(argv)`, imported lazily so that
 `pocketgpt train` does not pay for importing the web stack.
 """
@@ -15,13 +15,13 @@ import sys
 
 from pocketgpt.launch import child_env
 
-TRAINING_COMMANDS = ("train", "eval", "prepare", "import-hf")
+TRAINING_COMMANDS = ("train", "eval", "prepare", "import-hf", "export")
 SERVING_COMMANDS = ("serve", "generate")
 
 USAGE = """usage: pocketgpt <command> [args...]
 
 commands:
-  train | eval | prepare | import-hf
+  train | eval | prepare | import-hf | export
                             run `python -m pocketgpt.training <command> ...`
   serve | generate          run the web server / generate text from a checkpoint
 

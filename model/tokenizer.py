@@ -143,7 +143,8 @@ class Tokenizer:
         # Every id that ends a generation: end of text first, then e.g. a chat model's end of turn.
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(
             [self.eot_id, *(self._require(t, "stop") for t in settings.stop_tokens)]))
-        self._table = self._build_byte_table(hf)
+        self.kind = _token_kind(hf)  # "byte-level" or "metaspace"
+        self._table = self._build_byte_table(hf, self.kind)
         self._plain: HFTokenizer | None = None  # a copy that reads special-token strings as text, made lazily
 
     def _require(self, token: str, role: str) -> int:
@@ -153,8 +154,7 @@ class Tokenizer:
         return i
 
     @staticmethod
-    def _build_byte_table(hf: HFTokenizer) -> list[bytes]:
-        kind = _token_kind(hf)
+    def _build_byte_table(hf: HFTokenizer, kind: str) -> list[bytes]:
         added = hf.get_added_tokens_decoder()
         table: list[bytes] = []
         for i in range(hf.get_vocab_size(with_added_tokens=True)):

@@ -7,9 +7,10 @@ usage:
   python -m pocketgpt.training prepare --data PATH... --out RUN_DIR          tokenize only (RUN_DIR/data)
   python -m pocketgpt.training train --task sft --init-from CHECKPOINT_DIR --data pairs.jsonl --out RUN_DIR
   python -m pocketgpt.training eval --checkpoint DIR --data PATH [--prompts FILE] [--sft FILE] [--json]
-  python -m pocketgpt.training import-hf HF_MODEL_DIR --out CHECKPOINT_DIR  a local GPT-2-format model (no download)
+  python -m pocketgpt.training import-hf HF_MODEL_DIR|ORG/NAME --out CHECKPOINT_DIR  a Hugging Face model
+  python -m pocketgpt.training export CHECKPOINT_DIR --format hf|gguf --out PATH  for vLLM/TGI/llama.cpp/Ollama
   torchrun --nproc_per_node=N -m pocketgpt.training train ...                several processes (DDP)
-`pocketgpt train|prepare|eval|import-hf ...` runs the same. Without a subcommand, `train` is meant.
+`pocketgpt train|prepare|eval|import-hf|export ...` runs the same. Without a subcommand, `train` is meant.
 
 --data takes files, folders, glob patterns, .jsonl files (a "text" field per line) and `stdlib`, the
 default: the running Python's standard library sources (*.py, tests excluded, ~12 MB on CPython 3.11).
@@ -38,7 +39,7 @@ from typing import Any
 from pocketgpt.training.config import TrainConfig, load_config_file, validate_config
 from pocketgpt.training.errors import UserError
 
-COMMANDS = ("train", "prepare", "eval", "import-hf")
+COMMANDS = ("train", "prepare", "eval", "import-hf", "export")
 PREPARE_FIELDS = ("data", "out", "data_dir", "val_fraction", "tokenizer_vocab", "init_from")
 METAVARS = {
     "out": "RUN_DIR", "resume": "RUN_DIR", "init_from": "CHECKPOINT_DIR", "data_dir": "DIR", "max_time": "SECONDS",
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pocketgpt.training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,prepare,eval,import-hf}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,prepare,eval,import-hf,export}")
     train = sub.add_parser("train", help="train a model (the default)", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(train, tuple(TrainConfig.model_fields))
@@ -94,10 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
     from pocketgpt.training import import_hf  # light, like training.evaluate: heavy imports are inside its command
 
-    convert = sub.add_parser("import-hf", help="convert a local Hugging Face GPT-2 model into a checkpoint",
+    convert = sub.add_parser("import-hf", help="convert a Hugging Face Llama/Qwen2/Mistral/GPT-2 model to a checkpoint",
                              description=import_hf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     import_hf.add_import_arguments(convert)
     convert.set_defaults(func=import_hf.cmd_import_hf)
+    from pocketgpt.training import export
+
+    out = sub.add_parser("export", help="export a checkpoint for transformers/vLLM/TGI (hf) or llama.cpp/Ollama (gguf)",
+                         description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_export_arguments(out)
+    out.set_defaults(func=export.cmd_export)
     return parser
 
 
