@@ -76,6 +76,11 @@ class JinjaChatTemplate:
     def to_jinja(self) -> str:
         return self.template
 
+    @property
+    def special_tokens(self) -> list[str]:
+        """Tokens to add to the tokenizer: none, the template uses the model's own."""
+        return []
+
     # -- tokens --------------------------------------------------------------------------------------
     def check(self, tokenizer: Tokenizer) -> None:
         """Raise ValueError unless a small conversation renders with this tokenizer."""

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from pocketgpt.model.chat import META_KEY as CHAT_TEMPLATE_KEY
 from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.chat_jinja import JinjaChatTemplate
 from pocketgpt.model.config import ModelConfig
 from pocketgpt.model.gpt import GPT
 from pocketgpt.model.tokenizer import Tokenizer
@@ -53,7 +54,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     meta: dict[str, Any]
     path: Path
-    chat_template: ChatTemplate | None = None  # from meta.json; None: not a chat model
+    chat_template: ChatTemplate | JinjaChatTemplate | None = None  # from meta.json; None: not a chat model
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,9 +78,13 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     meta: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
-    chat_template: ChatTemplate | None = None,
+    chat_template: ChatTemplate | JinjaChatTemplate | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Atomically write a checkpoint directory at `path`, replacing any previous one."""
+    """Atomically write a checkpoint directory at `path`, replacing any previous one.
+
+    `extra_files` (file name -> contents) are written inside it too, e.g. LoRA adapters beside the weights.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a process killed mid-save
@@ -97,6 +102,10 @@ def save_checkpoint(
         (tmp / META).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or (tmp / name).exists():
+                raise ValueError(f"extra checkpoint file {name!r} must be a new plain file name")
+            (tmp / name).write_bytes(data)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -61,6 +61,14 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weight matrices only)")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: off)")
     seed: int = Field(1337, description="seed of model init, data sampling and dropout")
+    # -- LoRA (fine-tuning only) -------------------------------------------------------------------
+    lora_r: int | None = Field(None, ge=1, le=1024, description="train rank-R LoRA adapters only, base frozen "
+                               "(needs init_from or resume); checkpoints hold the merged weights")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator: updates are alpha/r * B A "
+                                     "(default 2 * lora_r)")
+    lora_targets: str = Field("q,k,v,o", pattern=r"^[a-z]+(,[a-z]+)*$",
+                              description="comma-separated projections to adapt: q, k, v, o, gate, up, down")
+    save_adapter: bool = Field(False, description="also save the LoRA adapters beside each checkpoint's weights")
     # -- stopping, evaluation, logging -------------------------------------------------------------
     max_steps: int = Field(2000, gt=0, description="optimizer steps to train (the cosine schedule's length)")
     max_time: float | None = Field(None, gt=0, description="stop after this many seconds of wall time")
@@ -85,6 +93,10 @@ class TrainConfig(BaseModel):
             raise ValueError("give either resume or init_from, not both")
         if self.task == "sft" and not (self.init_from or self.resume):
             raise ValueError("task sft fine-tunes a checkpoint: give init_from (or resume an sft run)")
+        if self.lora_r is not None and not (self.init_from or self.resume):
+            raise ValueError("lora_r fine-tunes a checkpoint: give init_from (or resume a LoRA run)")
+        if self.save_adapter and self.lora_r is None:
+            raise ValueError("save_adapter needs lora_r")
         return self
 
     def model_overrides(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.chat_jinja import JinjaChatTemplate
 from pocketgpt.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_train_state
 from pocketgpt.model.config import ModelConfig, preset
 from pocketgpt.model.gpt import GPT
@@ -28,6 +29,7 @@ from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.data import PreparedData, load_prepared, prepare_data
 from pocketgpt.training.distributed import DistContext, main_then_others, pick_device, wrap_model
 from pocketgpt.training.errors import UserError
+from pocketgpt.training.lora import LoraSpec, attach, restore
 from pocketgpt.training.optim import make_optimizer
 from pocketgpt.training.sampler import WindowSampler
 from pocketgpt.training.sft_data import SFTData, prepare_sft
@@ -44,7 +46,8 @@ class Run:
     optimizer: torch.optim.AdamW
     sampler: WindowSampler | SFTSampler
     tokens_per_row: int  # tokens in one batch row: block_size, or the mean example length for sft
-    chat_template: ChatTemplate | None = None  # saved with every checkpoint of the run
+    chat_template: ChatTemplate | JinjaChatTemplate | None = None  # saved with every checkpoint of the run
+    lora: LoraSpec | None = None  # adapters train, the rest of `model` is frozen
     preset: str = "custom"  # the preset the model was built from, for the metrics' start record
     start_step: int = 0
     tokens_seen: int = 0
@@ -125,6 +128,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) ->
         if data.tokenizer.vocab_size > ckpt.tokenizer.vocab_size:  # sft added chat markers
             model = add_token_rows(model, ckpt.tokenizer.vocab_size, data.tokenizer.vocab_size)
     model.to(device).train()
+    spec = _attach_lora(cfg, model)
     if isinstance(data, SFTData):
         sampler: WindowSampler | SFTSampler = SFTSampler(
             data.train, cfg.batch_size, cfg.seed, data.tokenizer.eot_id, ctx.rank, ctx.world_size)
@@ -135,7 +139,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) ->
     run = Run(
         device=device, data=data, model=model, train_model=model,
         optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, device.type),
-        sampler=sampler, tokens_per_row=tokens_per_row, chat_template=template,
+        sampler=sampler, tokens_per_row=tokens_per_row, chat_template=template, lora=spec,
     )
     run.preset = _preset_name(cfg, ckpt)
     if cfg.resume:
@@ -149,6 +153,18 @@ def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) ->
     return run
 
 
+def _attach_lora(cfg: TrainConfig, model: GPT) -> LoraSpec | None:
+    """With lora_r: freeze `model` and give it adapters (so the optimizer gets only theirs)."""
+    if cfg.lora_r is None:
+        return None
+    try:
+        spec = LoraSpec.parse(cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+        attach(model, spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return spec
+
+
 def _restore(run: Run, source: Path) -> None:
     try:
         state = load_train_state(source)
@@ -156,6 +172,10 @@ def _restore(run: Run, source: Path) -> None:
         raise UserError(f"cannot resume: {e}") from None
     if state is None:
         raise UserError(f"cannot resume: {source} has no training state (it is a `best` or exported checkpoint)")
+    if run.lora is not None:
+        if "lora" not in state:
+            raise UserError(f"cannot resume with lora_r: {source} was not saved by a LoRA run")
+        restore(run.model, state["lora"])  # the saved weights are merged: take the adapters back out
     run.optimizer.load_state_dict(state["optimizer"])
     run.sampler.load_state_dict(state["sampler"])
     restore_rng(state["rng"])

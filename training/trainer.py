@@ -23,6 +23,7 @@ import torch
 from pocketgpt.model.checkpoint import save_checkpoint
 from pocketgpt.model.generate import generate
 from pocketgpt.model.sampling import SamplingParams
+from pocketgpt.training import lora
 from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
 from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
@@ -185,6 +186,7 @@ class Trainer:
         self.progress.info(
             f"model: {r.model.num_params():,} parameters ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"context {m.block_size}, vocab {m.vocab_size}) on {r.device}"
+            f"{self._lora_note()}"
             f"{f' x {self.ctx.world_size} processes' if self.ctx.enabled else ''}\n"
             f"tokens per step: {self.tokens_per_step:,} ({cfg.batch_size} x {cfg.grad_accum} x {r.tokens_per_row})"
             f"{f'; resuming from step {r.start_step}' if cfg.resume else ''}"
@@ -193,6 +195,13 @@ class Trainer:
             total_steps=cfg.max_steps, params=r.model.num_params(), tokens_per_step=self.tokens_per_step,
             resumed_from_step=r.start_step if cfg.resume else None, preset=r.preset, run_dir=str(cfg.out),
         )
+
+    def _lora_note(self) -> str:
+        spec = self.run_state.lora
+        if spec is None:
+            return ""
+        trainable = sum(p.numel() for p in self.run_state.model.parameters() if p.requires_grad)
+        return f"; LoRA r={spec.r} alpha={spec.alpha:g} on {','.join(spec.targets)}: {trainable:,} trainable"
 
     # -- evaluation and checkpoints (rank 0) ---------------------------------------------------------
     @torch.no_grad()
@@ -269,8 +278,14 @@ class Trainer:
             "val_loss": ev.loss if ev else None, "val_bpb": ev.bpb if ev else None,
             "config": cfg.model_dump(), "data_fingerprint": r.data.meta["fingerprint"],
         }
-        save_checkpoint(path, r.model, r.tokenizer, meta, self._train_state(step) if kind == "last" else None,
-                        chat_template=r.chat_template)
+        model, extra = r.model, None
+        if r.lora is not None:  # a normal checkpoint: the adapters merged into the weights
+            model = lora.merged(r.model)
+            meta["lora"] = {"r": r.lora.r, "alpha": r.lora.alpha, "targets": list(r.lora.targets)}
+            if cfg.save_adapter:
+                extra = lora.adapter_files(r.model, r.lora, cfg.init_from)
+        save_checkpoint(path, model, r.tokenizer, meta, self._train_state(step) if kind == "last" else None,
+                        chat_template=r.chat_template, extra_files=extra)
         if kind == "last":
             self.saved_step = step
         self.metrics.write("checkpoint", step=step, path=str(path), kind=kind)
@@ -281,4 +296,5 @@ class Trainer:
             "step": step, "tokens_seen": r.tokens_seen, "best_val_loss": r.best_val_loss,
             "optimizer": r.optimizer.state_dict(), "sampler": r.sampler.state_dict(), "rng": capture_rng(),
             "world_size": self.ctx.world_size,
+            **({"lora": lora.adapter_state(r.model)} if r.lora is not None else {}),
         }
