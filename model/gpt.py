@@ -68,7 +68,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_caus
     if T == 1 and not is_causal:
         # Decode: a group's queries become the rows of one KV head's attention, which reads each key once
         # (the row mask, (B or 1, 1, 1, L), broadcasts over them). Much faster than enable_gqa with a mask on CPU.
-        y = F.scaled_dot_product_attention(q.view(B, n_kv, H // n_kv, D), k, v, attn_mask=mask, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q.reshape(B, n_kv, H // n_kv, D), k, v, attn_mask=mask, dropout_p=dropout)
         return y.view(B, H, 1, D)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout, enable_gqa=True)

@@ -21,7 +21,7 @@ from pocketgpt.training.errors import UserError
 PresetName = Literal["tiny", "small", "gpt2"]  # the keys of model.config.PRESETS (a test keeps them equal)
 STDLIB = "stdlib"  # the built-in corpus: the running interpreter's standard library sources
 MIN_TOKENIZER_VOCAB = 260  # model.tokenizer.MIN_VOCAB_SIZE, repeated to keep this module import-light
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
+MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size", "dropout")
 
 
 class TrainConfig(BaseModel):
@@ -48,6 +48,8 @@ class TrainConfig(BaseModel):
     preset: PresetName = Field("small", description="model shape: tiny, small or gpt2")
     n_layer: int | None = Field(None, gt=0, description="override the preset's layer count")
     n_head: int | None = Field(None, gt=0, description="override the preset's attention heads")
+    n_kv_head: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention (must "
+                                  "divide n_head; default: one per head)")
     n_embd: int | None = Field(None, gt=0, description="override the preset's width")
     block_size: int | None = Field(None, gt=0, description="override the preset's context length in tokens")
     vocab_size: int | None = Field(None, gt=0, description="model vocabulary (default: the tokenizer's size)")

@@ -30,6 +30,7 @@ class ModelOverrides(_Strict):
 
     n_layer: int | None = Field(None, ge=1, le=64)
     n_head: int | None = Field(None, ge=1, le=64)
+    n_kv_head: int | None = Field(None, ge=1, le=64, description="key/value heads (grouped-query attention)")
     n_embd: int | None = Field(None, ge=8, le=4096)
     block_size: int | None = Field(None, ge=8, le=8192)
     vocab_size: int | None = Field(None, ge=260, le=200_000, description="model vocabulary (default: tokenizer's)")
