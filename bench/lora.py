@@ -49,10 +49,11 @@ def worker(mode: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     rss_model = _rss()
     optimizer = make_optimizer(model, 1e-4, 0.1, "cpu")
     x = torch.randint(0, SHAPE["vocab_size"], (batch, seq + 1))
+    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        _, loss = model(x[:, :-1], x[:, 1:])
+        _, loss = model(inputs, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # keep the gradients allocated: they are part of the footprint
@@ -70,7 +71,9 @@ def worker(mode: str, steps: int, batch: int, seq: int, threads: int) -> dict:
 def _child(mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "bench.lora", "--worker", mode, "--steps", str(args.steps), "--batch",
            str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
