@@ -31,6 +31,8 @@ CLIENT_COST = ROOT / "docs" / "benchmarks" / "client_cost.json"  # python -m ben
 ENGINE = ROOT / "docs" / "benchmarks" / "engine.json"  # python -m bench.engine
 FIRST_TOKEN = ROOT / "docs" / "benchmarks" / "first-token.json"  # python -m bench.first_token --compare-dev
 DOCKER_E2E = ROOT / "docs" / "benchmarks" / "docker-e2e.json"  # POCKETGPT_E2E_TIMINGS=FILE make test-docker
+GQA = ROOT / "docs" / "benchmarks" / "gqa.json"  # python -m bench.gqa
+LORA = ROOT / "docs" / "benchmarks" / "lora.json"  # python -m bench.lora
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -291,6 +293,38 @@ def readme_engine(engine: dict[str, Any]) -> str:
             f"tok/s, identical tokens: {spec['code']['identical_tokens']} | drafts that always miss: "
             f"{med(spec['code']['miss_over_plain']):.2f}x |")
     return "\n".join(lines) + "\n"
+# -- README: Llama-family figures ---------------------------------------------------------------------------------
+def readme_llama(gqa: dict[str, Any], lora: dict[str, Any]) -> str:
+    """The README's figures for a SmolLM2-135M-shaped model: engine vs transformers, KV cache, LoRA."""
+    g, lo = f"[{rel(GQA)}]({rel(GQA)})", f"[{rel(LORA)}]({rel(LORA)})"
+    kv = gqa["kv_cache_bytes_per_token"]
+    rows = ["| what | pocketgpt | peer in the same run | from |", "| --- | --: | --: | --- |"]
+    for batch in (1, 8):
+        b = gqa[f"batch_{batch}"]
+        rows.append(f"| {gqa['new_tokens']} greedy tokens, {batch} request{'s' if batch > 1 else ''} at once, "
+                    f"in-process engine | {num(b['engine_tok_s'], 1)} tok/s | `transformers` `generate()` "
+                    f"{num(b['transformers_tok_s'], 1)} tok/s ({times(b['ratio'])}); outputs identical "
+                    f"{b['identical_greedy_outputs']} | {g} `batch_{batch}` |")
+    rows.append(f"| KV cache per token (fp32) | {num(kv['gqa_3_kv_heads'])} bytes (3 KV heads) | without GQA (9): "
+                f"{num(kv['without_gqa_9_kv_heads'])} bytes ({kv['ratio']:.3f}) | {g} `kv_cache_bytes_per_token` |")
+    f, r, ratio = lora["full"], lora["lora_run"], lora["ratios_lora_over_full"]
+    spec = lora["lora"]
+    rows.append(f"| fine-tuning step, batch {lora['batch']}×{lora['seq']}, LoRA r={spec['r']} on {spec['targets']} | "
+                f"{r['step_s_median']:.2f} s, peak RSS {num(r['peak_rss_mib'])} MiB, "
+                f"{num(r['trainable_params'])} trainable | full fine-tuning {f['step_s_median']:.2f} s "
+                f"({times(ratio['step_time'])}), {num(f['peak_rss_mib'])} MiB ({times(ratio['peak_rss'])}) | "
+                f"{lo} |")
+    load_g = ", ".join(f"{x:.1f}" for x in gqa["load_average_before"])
+    load_l = ", ".join(f"{x:.1f}" for x in lora["load_average_before"])
+    m = gqa["model"]
+    return "\n".join([
+        f"A model with SmolLM2-135M's shape ({m['n_layer']} layers, width {m['n_embd']}, {m['n_head']} heads and "
+        f"{m['n_kv_head']} KV heads, MLP {m['mlp_width']}, vocab {num(m['vocab_size'])}; random weights, fp32, CPU, "
+        f"{gqa['machine']['torch_threads']} torch thread), made with `transformers` and imported with `import-hf`. "
+        f"Generation includes the {gqa['prompt_tokens']}-token prompt's prefill on both sides; the machine was shared "
+        f"(load average {load_g} at the start of `{gqa['command']}`, {load_l} at the start of `{lora['command']}`):",
+        "", *rows,
+    ])
 
 
 # -- blocks in Markdown files ----------------------------------------------------------------------------------------
@@ -306,6 +340,9 @@ def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
         blocks.append((README, "performance", lambda: readme_performance(results, soak)))
     if engine is not None:
         blocks.append((README, "engine", lambda: readme_engine(engine)))
+    gqa, lora = load(GQA), load(LORA)
+    if gqa is not None and lora is not None:
+        blocks.append((README, "llama", lambda: readme_llama(gqa, lora)))
     return blocks
 
 
