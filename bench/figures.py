@@ -293,6 +293,8 @@ def readme_engine(engine: dict[str, Any]) -> str:
             f"tok/s, identical tokens: {spec['code']['identical_tokens']} | drafts that always miss: "
             f"{med(spec['code']['miss_over_plain']):.2f}x |")
     return "\n".join(lines) + "\n"
+
+
 # -- README: Llama-family figures ---------------------------------------------------------------------------------
 def readme_llama(gqa: dict[str, Any], lora: dict[str, Any]) -> str:
     """The README's figures for a SmolLM2-135M-shaped model: engine vs transformers, KV cache, LoRA."""

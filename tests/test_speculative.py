@@ -56,13 +56,13 @@ async def _run(engine: Engine, request: GenRequest) -> list[int]:
     return ids
 
 
-def contextual_checkpoint(path: Path) -> Path:
+def contextual_checkpoint(path: Path, **heads: int) -> Path:
     """A random model whose next token depends on the whole context, not only on the last token (the
     sharpened test models mostly follow their last token, which makes every n-gram draft right)."""
     tok = train_tokenizer(small_corpus(), vocab_size=400)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=256,
-                            tie_embeddings=False))
+    model = GPT(ModelConfig(**{"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                               "block_size": 256, "tie_embeddings": False, **heads}))
     with torch.no_grad():
         for block in model.h:  # strong attention: what came earlier moves the logits
             block.attn.c_attn.weight.mul_(4)
@@ -106,12 +106,13 @@ def test_speculation_changes_no_output_alone_or_batched(tmp_path: Path, kind: st
         assert accepted < drafted  # some drafts were wrong: verification really rejected tokens
 
 
-def test_prefix_cache_speculation_and_batching_together_change_no_greedy_output(tmp_path: Path) -> None:
+@pytest.mark.parametrize("heads", [{}, {"n_head": 4, "n_kv_head": 2}], ids=["mha", "gqa"])
+def test_prefix_cache_speculation_and_batching_together_change_no_greedy_output(tmp_path: Path, heads: dict) -> None:
     """Random prompts sharing random prefixes, all at once, through a small (evicting) prefix cache and
-    speculation, against the plain engine one request at a time."""
+    speculation, against the plain engine one request at a time (also with grouped-query attention)."""
     import random
 
-    path = contextual_checkpoint(tmp_path / "ck")
+    path = contextual_checkpoint(tmp_path / "ck", **heads)
     plain = Engine(load_checkpoint(path), max_running=1).start()
     full = Engine(load_checkpoint(path), max_running=6, prefill_chunk=32, prefix_cache_slots=0.5,
                   spec_tokens=3).start()
