@@ -28,12 +28,12 @@ class KVCache:
         n_layer: int,
         n_slots: int,
         max_len: int,
-        n_kv_head: int,
+        n_head: int,  # the heads stored: the model's key/value heads (kv_heads)
         head_dim: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_layer, n_slots, n_kv_head, max_len, head_dim)
+        shape = (n_layer, n_slots, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_slots = n_slots
