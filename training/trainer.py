@@ -4,9 +4,14 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` windows (shared 
 Every `eval_every` steps: validation loss, perplexity, bits per byte and a greedy sample, then RUN_DIR/best (on
 a new best validation loss) and RUN_DIR/last, the latter with the state to resume from (task sft: loss on the
 held-out answers, plus an `sft_eval` record scoring greedy answers; see training.sft_eval). The run stops at
-`max_steps`, after `max_time` seconds (counted from the start of `run`, data preparation included), when the
-validation loss reaches `target_loss`, or on `request_stop()` (SIGTERM/SIGINT): the current step finishes,
-`last` is saved and the run ends "cancelled".
+`max_steps`, when the `max_time` budget is spent (counted from the start of `run`, planning and data preparation
+included), when the validation loss reaches `target_loss`, or on `request_stop()` (SIGTERM/SIGINT): the current
+step finishes, `last` is saved and the run ends "cancelled".
+
+With `max_time`, time is reserved at the start for the final evaluation and checkpoints (estimated from a timed
+forward pass and the model's size), so a run stopped by its budget ends inside it. Without `max_steps` the
+learning rate then follows the elapsed training time (training.schedule), kept in the resume state so that a
+resumed run continues the same schedule. All times come from `clock`, which tests replace with a fake one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +30,12 @@ from pocketgpt.model.checkpoint import save_checkpoint
 from pocketgpt.model.generate import generate
 from pocketgpt.model.sampling import SamplingParams
 from pocketgpt.training.config import TrainConfig
-from pocketgpt.training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
+from pocketgpt.training.distributed import DistContext, any_true, grad_sync, max_over_ranks, mean_over_ranks
 from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
 from pocketgpt.training.progress import Progress
 from pocketgpt.training.run import Run, build_run
 from pocketgpt.training.sampler import eval_windows, windows_at
-from pocketgpt.training.schedule import lr_at
+from pocketgpt.training.schedule import TimeBudget, lr_at, lr_at_fraction
 from pocketgpt.training.state import capture_rng
 
 
@@ -58,8 +64,14 @@ class Trainer:
     def __init__(
         self, cfg: TrainConfig, ctx: DistContext | None = None,
         metrics: MetricsWriter | None = None, progress: Progress | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock
+        self.plan: dict[str, Any] | None = None  # the planner's table (training.planner), when it chose the shape
+        self.budget: TimeBudget | None = None  # the time schedule's state, with max_time and no max_steps
+        self.reserve_s = 0.0  # seconds kept at the end of a max_time budget for the final evaluation and saves
+        self.step_s = 0.0  # duration of the last optimizer step
         self.ctx = ctx or DistContext()
         main = self.ctx.is_main
         self.metrics = metrics or MetricsWriter(Path(cfg.out) / METRICS_FILENAME if main else None)
@@ -77,8 +89,18 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train until a stop condition; returns how it ended."""
-        self.t_start = time.monotonic()
+        self.t_start = self.clock()
+        if self.cfg.planned:
+            from pocketgpt.training.autoplan import plan_run  # torch-side glue of the planner
+
+            self.cfg, self.plan = plan_run(self.cfg, self.ctx, self.progress.info)
+        elif self.cfg.resume:
+            self.plan = _saved_plan(self.cfg.resume)
         self.run_state: Run = build_run(self.cfg, self.ctx, self.progress.info)
+        self.prep_s = self.clock() - self.t_start
+        if self.cfg.max_time is not None:
+            self.progress.info(f"planning and data preparation took {self.prep_s:.1f} s of the "
+                               f"{self.cfg.max_time:g} s budget")
         try:
             return self._loop()
         finally:
@@ -92,19 +114,27 @@ class Trainer:
         self.last_eval: tuple[int, EvalResult] | None = None
         self.saved_step: int | None = r.start_step if cfg.resume else None
         self.train_loss: float | None = None
-        t_loop, last_log = time.monotonic(), (time.monotonic(), step)
-        self.progress.begin(cfg.max_steps, step)
+        self._start_budget()
+        limit = cfg.step_limit
+        t_loop = t_prev = self.clock()
+        last_log = (t_loop, step)
+        self.progress.begin(limit, step)
         target_hit, reason = False, None
         while reason is None:
-            time_up = cfg.max_time is not None and time.monotonic() - self.t_start >= cfg.max_time
-            stop, time_up, target_hit = any_true([self._stop, time_up, target_hit], self.ctx, r.device)
+            now = self.clock()
+            if self.budget is not None:  # training time, periodic evaluations included; every rank agrees
+                self.budget.elapsed_s = max_over_ranks(self.budget.elapsed_s + now - t_prev, self.ctx, r.device)
+            t_prev = now
+            stop, time_up, target_hit = any_true([self._stop, self._time_up(now), target_hit], self.ctx, r.device)
             reason = (
-                "max_steps" if step >= cfg.max_steps else "target_loss" if target_hit
+                "max_steps" if limit is not None and step >= limit else "target_loss" if target_hit
                 else "signal" if stop else "max_time" if time_up else None
             )
             if reason:
                 break
+            t_step = self.clock()
             loss = self._train_step(step)
+            self.step_s = self.clock() - t_step
             step += 1
             r.tokens_seen += self.tokens_per_step
             self.progress.step()
@@ -115,9 +145,71 @@ class Trainer:
                 target_hit = self._evaluate_and_save(step, loss)
         return self._finish(step, reason)
 
+    # -- time budget --------------------------------------------------------------------------------
+    def _start_budget(self) -> None:
+        """Reserve time for the final evaluation and saves; set up (or resume) the time schedule."""
+        cfg, r = self.cfg, self.run_state
+        if cfg.max_time is None:
+            return
+        self.reserve_s = max_over_ranks(self._estimate_reserve(), self.ctx, r.device)
+        available = max(0.0, cfg.max_time - self.prep_s - self.reserve_s)
+        saved = r.schedule_state
+        if cfg.time_scheduled:
+            if saved is not None and saved.get("max_time") == cfg.max_time:
+                self.budget = TimeBudget(budget_s=saved["budget_s"], elapsed_s=saved["elapsed_s"])
+            elif saved is not None:  # a new --max-time on resume: that much more time, on the same schedule
+                self.budget = TimeBudget(budget_s=saved["elapsed_s"] + available, elapsed_s=saved["elapsed_s"])
+            else:
+                self.budget = TimeBudget(budget_s=available)
+        self.progress.info(
+            f"time budget {cfg.max_time:g} s: {self.prep_s:.1f} s spent before training, {self.reserve_s:.1f} s "
+            f"kept for the final evaluation and checkpoints"
+            + (f"; the learning rate follows the remaining {self.budget.remaining_s:.1f} s of training "
+               f"({cfg.time_schedule})" if self.budget else "")
+        )
+
+    def _estimate_reserve(self) -> float:
+        """Seconds the final evaluation, checkpoints and one overrunning step take, from a timed forward pass.
+
+        An evaluation is `eval_batches` forward passes of a batch; a step about three (forward and backward).
+        Checkpoints: best (weights) and last (weights and two AdamW moments) written at ~100 MB/s, a slow disk.
+        """
+        cfg, r = self.cfg, self.run_state
+        model, T = r.model, r.model.config.block_size
+        gen = torch.Generator().manual_seed(0)  # its own generator: the run's random streams stay untouched
+        x = torch.randint(model.config.vocab_size, (cfg.batch_size, T), generator=gen).to(r.device)
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            model(x)  # first call: allocations and kernel selection
+            t0 = self.clock()
+            model(x)
+            if r.device.type == "cuda":
+                torch.cuda.synchronize(r.device)
+            fwd_s = self.clock() - t0
+        model.train()
+        eval_s = fwd_s * cfg.eval_batches  # rank 0 evaluates alone, whole batches
+        sample_s = fwd_s * cfg.sample_tokens / 8  # greedy decoding with the KV cache: one token at a time
+        save_s = 0.2 + model.num_params() * 4 * 4 / 100e6
+        return 1.25 * (eval_s + sample_s + save_s) + 4 * fwd_s + 0.25
+
+    def _time_up(self, now: float) -> bool:
+        if self.budget is not None:
+            return self.budget.done
+        return self.cfg.max_time is not None and now - self.t_start >= self.cfg.max_time - self.reserve_s
+
+    def _lr(self, step: int) -> float:
+        cfg = self.cfg
+        if self.budget is None:
+            limit = cfg.step_limit or 0
+            return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=limit)
+        # Where in the budget this step will end: the last step then runs at min_lr.
+        frac = (self.budget.elapsed_s + self.step_s) / max(self.budget.budget_s, 1e-9)
+        return lr_at_fraction(frac, lr=cfg.lr, min_lr=cfg.min_lr, warmup_frac=cfg.warmup_frac,
+                              decay_frac=cfg.decay_frac, shape=cfg.time_schedule)
+
     def _train_step(self, step: int) -> torch.Tensor:
         cfg, r = self.cfg, self.run_state
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        lr = self._lr(step)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=r.device)
@@ -144,18 +236,21 @@ class Trainer:
         self.train_loss = float(mean_over_ranks(loss, self.ctx).item())
         if not math.isfinite(self.train_loss):
             raise RuntimeError(f"training diverged: the loss is {self.train_loss} at step {step}; lower --lr")
-        now = time.monotonic()
+        now = self.clock()
         tokens_per_s = (step - last[1]) * self.tokens_per_step / max(now - last[0], 1e-9)
-        eta = (cfg.max_steps - step) * (now - t_loop) / max(step - self.run_state.start_step, 1)
-        if cfg.max_time is not None:
+        limit = cfg.step_limit
+        eta = math.inf if limit is None else (limit - step) * (now - t_loop) / max(step - self.run_state.start_step, 1)
+        if self.budget is not None:
+            eta = min(eta, self.budget.remaining_s + self.reserve_s)
+        elif cfg.max_time is not None:
             eta = min(eta, max(0.0, cfg.max_time - (now - self.t_start)))
         lr = self.run_state.optimizer.param_groups[0]["lr"]
         self.metrics.write(
-            "train", step=step, total_steps=cfg.max_steps, loss=self.train_loss, lr=lr,
+            "train", step=step, total_steps=limit, loss=self.train_loss, lr=lr,
             tokens_per_s=tokens_per_s, elapsed_s=now - self.t_start, eta_s=eta,
             tokens_seen=self.run_state.tokens_seen,
         )
-        self.progress.report(step, cfg.max_steps, self.train_loss, lr, tokens_per_s, eta)
+        self.progress.report(step, limit, self.train_loss, lr, tokens_per_s, eta)
         return now, step
 
     def _finish(self, step: int, reason: str) -> RunResult:
@@ -190,9 +285,11 @@ class Trainer:
             f"{f'; resuming from step {r.start_step}' if cfg.resume else ''}"
         )
         self.metrics.start(
-            total_steps=cfg.max_steps, params=r.model.num_params(), tokens_per_step=self.tokens_per_step,
+            total_steps=cfg.step_limit, params=r.model.num_params(), tokens_per_step=self.tokens_per_step,
             resumed_from_step=r.start_step if cfg.resume else None, preset=r.preset, run_dir=str(cfg.out),
         )
+        if self.plan is not None and not cfg.resume:
+            self.metrics.write("plan", rows=self.plan["rows"])
 
     # -- evaluation and checkpoints (rank 0) ---------------------------------------------------------
     @torch.no_grad()
@@ -269,6 +366,8 @@ class Trainer:
             "val_loss": ev.loss if ev else None, "val_bpb": ev.bpb if ev else None,
             "config": cfg.model_dump(), "data_fingerprint": r.data.meta["fingerprint"],
         }
+        if self.plan is not None:
+            meta["plan"] = self.plan
         save_checkpoint(path, r.model, r.tokenizer, meta, self._train_state(step) if kind == "last" else None,
                         chat_template=r.chat_template)
         if kind == "last":
@@ -281,4 +380,16 @@ class Trainer:
             "step": step, "tokens_seen": r.tokens_seen, "best_val_loss": r.best_val_loss,
             "optimizer": r.optimizer.state_dict(), "sampler": r.sampler.state_dict(), "rng": capture_rng(),
             "world_size": self.ctx.world_size,
+            "schedule": None if self.budget is None else {**self.budget.state_dict(), "max_time": self.cfg.max_time},
         }
+
+
+def _saved_plan(run_dir: str) -> dict[str, Any] | None:
+    """The plan recorded in a run's last checkpoint, carried over to the checkpoints of its resumption."""
+    from pocketgpt.model.checkpoint import CheckpointError, read_meta
+
+    try:
+        plan = read_meta(Path(run_dir) / "last").get("plan")
+    except CheckpointError:
+        return None
+    return plan if isinstance(plan, dict) else None

@@ -1,0 +1,142 @@
+"""Apply the planner (training.planner) to a run: survey the corpus, probe this machine, print and return the plan.
+
+The probe trains two or three candidate shapes on random tokens for a moment each (a share of the budget: 1%,
+0.5 to 2 s per shape) and measures tokens/s; under torchrun, rank 0 probes and sends the plan to the others,
+so every process builds the same model.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.gpt import GPT
+from pocketgpt.training.config import TrainConfig, validate_config
+from pocketgpt.training.distributed import DistContext, pick_device
+from pocketgpt.training.optim import make_optimizer
+from pocketgpt.training.planner import (
+    PLANNED_FIELDS,
+    PlanInputs,
+    Shape,
+    apply_overrides,
+    cjk_vocab_for,
+    detect_script,
+    estimate_tokens_per_s,
+    first_guess,
+    ladder,
+    make_plan,
+    vocab_for,
+)
+from pocketgpt.training.sources import ReadStats, expand_sources, iter_documents
+
+SAMPLE_CHARS = 1_000_000
+
+
+def survey(data: list[str], budget_s: float | None, device: str) -> PlanInputs:
+    """Corpus size (bytes on disk) and script (from its first ~1M characters)."""
+    files = expand_sources(data)
+    corpus_bytes = sum(f.path.stat().st_size for f in files)
+    parts, size = [], 0
+    for doc in iter_documents(files, ReadStats()):
+        parts.append(doc[: SAMPLE_CHARS - size])
+        size += len(parts[-1])
+        if size >= SAMPLE_CHARS:
+            break
+    sample = "".join(parts)
+    script = detect_script(sample)
+    return PlanInputs(corpus_bytes=corpus_bytes, script=script, budget_s=budget_s, device=device,
+                      cjk_vocab=cjk_vocab_for(sample) if script == "cjk" else None)
+
+
+def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float) -> float:
+    """Training tokens/s of `shape` on random tokens: one untimed step, then steps for about `seconds`."""
+    import time
+
+    cfg = ModelConfig(vocab_size=vocab, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                      block_size=shape.block_size)
+    gen = torch.Generator().manual_seed(0)  # its own generator: the run's seeded streams stay untouched
+    state = torch.get_rng_state()
+    model = GPT(cfg).to(device).train()
+    torch.set_rng_state(state)
+    opt = make_optimizer(model, 1e-3, 0.1, device.type)
+    data = torch.randint(vocab, (shape.batch_size, shape.block_size + 1), generator=gen).to(device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def step() -> None:
+        if autocast is not None:
+            with autocast:
+                _, loss = model(x, y)
+        else:
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()
+    sync()
+    t0, n = time.perf_counter(), 0
+    while n < 3 or (time.perf_counter() - t0 < seconds and n < 50):
+        step()
+        n += 1
+        sync()
+    return n * shape.batch_size * shape.block_size / (time.perf_counter() - t0)
+
+
+def probe(inputs: PlanInputs, vocab: int, device: torch.device, log: Callable[[str], None]) -> dict[str, float]:
+    """Tokens/s of the first-guess shape and its neighbours on the ladder."""
+    shapes = ladder(inputs.device)
+    guess = first_guess(inputs, vocab)
+    budget = inputs.budget_s or 600.0
+    seconds = min(2.0, max(0.5, 0.01 * budget))
+    measured = {}
+    for i in sorted({max(0, guess - 1), guess, min(len(shapes) - 1, guess + 1)}):
+        measured[shapes[i].key] = probe_shape(shapes[i], vocab, device, seconds)
+        log(f"probe: {shapes[i].key} (context {shapes[i].block_size}) trains at {measured[shapes[i].key]:,.0f} tok/s")
+    return measured
+
+
+def render(plan: dict[str, Any]) -> str:
+    """The plan as one table (rich), as plain text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="training plan (a flag overrides any row)", title_justify="left")
+    for col in ("setting", "value", "why"):
+        table.add_column(col, overflow="fold")
+    for row in plan["rows"]:
+        table.add_row(row["name"], str(row["value"]), row["why"])
+    buf = io.StringIO()
+    Console(file=buf, width=140, color_system=None, soft_wrap=False).print(table)
+    return buf.getvalue().rstrip()
+
+
+def plan_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config with the plan's values where no flag was given, and the plan (printed via `log`)."""
+    device = pick_device(cfg.device, ctx)
+    plan: dict[str, Any] | None = None
+    if ctx.is_main:
+        inputs = survey(cfg.data, cfg.max_time, device.type)
+        vocab = vocab_for(inputs)[0]
+        measured = probe(inputs, vocab, device, log)
+        tps = estimate_tokens_per_s(ladder(inputs.device), vocab, measured)
+        plan = make_plan(inputs, tps, probe_note="probe:")
+        given = {k: getattr(cfg, k) for k in cfg.model_fields_set if k in PLANNED_FIELDS}
+        plan = apply_overrides(plan, given)
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)  # our own dict between our own processes
+        plan = box[0]
+    assert plan is not None
+    log(render(plan))
+    return validate_config({**cfg.model_dump(), **plan["values"]}), plan
