@@ -27,7 +27,7 @@ from typing import Any
 CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _CJK = re.compile(f"[{CJK_RANGES}]")
 _CODE_SYMBOLS = re.compile(r"[{}()\[\];=<>_#:\"'`|&*+\-/\\]")
-TOKENS_PER_PARAM = 2.0  # training tokens per non-embedding parameter aimed at (see bench/budget.py results)
+TOKENS_PER_PARAM = 1.0  # training tokens per non-embedding parameter aimed at (see bench/budget.py results)
 DROPOUT_EPOCHS = 4.0
 ASSUMED_BUDGET_S = 600.0  # what the plan sizes for when no --max-time is given
 PLANNED_FIELDS = ("tokenizer_vocab", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "lr", "min_lr",
@@ -76,7 +76,7 @@ GPU_LADDER = (
     Shape(12, 12, 768, 512, 32),
     Shape(16, 16, 1024, 1024, 32),
 )
-ASSUMED_FLOPS = {"cpu": 4e9, "cuda": 2e13, "mps": 5e11}  # before the probe: where to look on the ladder
+ASSUMED_FLOPS = {"cpu": 3e10, "cuda": 1e14, "mps": 1e12}  # before the probe: where to look on the ladder
 
 
 @dataclass
