@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import thread_env  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("POCKETGPT_BENCH_DATA", ROOT.parent / "shared" / "data"))  # where ../shared lives
 CORPORA = {"shakespeare": DATA / "tinyshakespeare.txt", "tang": DATA / "tang-poems.txt"}
 CONFIGS = ("new", "previous", "nanogpt")
 PREVIOUS = ["--preset", "small", "--tokenizer-vocab", "8192", "--batch-size", "16", "--lr", "1e-3",

@@ -39,3 +39,15 @@ def test_bad_combinations_name_their_field() -> None:
         JobRequest(data="stdlib", device="tpu")
     with pytest.raises(ValidationError):
         JobRequest(data=["stdlib"] * 33)
+
+
+def test_a_job_with_a_time_budget_and_no_preset_is_planned_by_the_trainer() -> None:
+    """max_time means what `--max-time` means; no preset lets the trainer's planner choose the model."""
+    args = JobRequest(data="stdlib", max_time=300).trainer_args(["stdlib"], None)
+    assert args[args.index("--max-time") + 1] == "300.0"
+    assert "--preset" not in args and "--max-steps" not in args
+    cfg = TrainConfig.model_validate({"data": ["stdlib"], "max_time": 300})
+    assert cfg.planned and cfg.time_scheduled and cfg.step_limit is None
+    with_preset = JobRequest(data="stdlib", preset="tiny", max_time=60, model={"n_layer": 1})
+    assert "--preset" in with_preset.trainer_args(["stdlib"], None)
+    assert "--n-layer" in JobRequest(data="stdlib", model={"n_layer": 3}).trainer_args(["stdlib"], None)
