@@ -68,7 +68,10 @@ def split_corpus(name: str, work: Path) -> tuple[Path, Path]:
 
 
 def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, **thread_env(threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **thread_env(threads), "PYTHONPATH": str(ROOT)}
+    if threads == 1:  # the tokenizer library's own thread pool too (a busy machine: see --threads)
+        env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
 
 
 def trainer_row(args: list[str], train: Path, val: Path, out: Path, budget: float, threads: int,
@@ -79,6 +82,7 @@ def trainer_row(args: list[str], train: Path, val: Path, out: Path, budget: floa
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    (out / "train.log").write_text(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-3000:]}")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -96,8 +100,9 @@ def trainer_row(args: list[str], train: Path, val: Path, out: Path, budget: floa
     from pocketgpt.model.checkpoint import read_meta
 
     cfg = read_meta(out / "best")["config"]
-    first, last = train_recs[0], train_recs[-1]
-    tok_s = (last["tokens_seen"] - first["tokens_seen"]) / max(last["elapsed_s"] - first["elapsed_s"], 1e-9)
+    first, last = (train_recs[0], train_recs[-1]) if train_recs else ({}, {})
+    tok_s = (last["tokens_seen"] - first["tokens_seen"]) / max(last["elapsed_s"] - first["elapsed_s"], 1e-9) \
+        if len(train_recs) >= 2 else None
     from bench.train import flops_per_token
     from pocketgpt.model.config import preset
 
@@ -105,8 +110,8 @@ def trainer_row(args: list[str], train: Path, val: Path, out: Path, budget: floa
     fpt = flops_per_token(start["params"], m.n_layer, m.n_embd, m.block_size)
     prep = _prep_seconds(proc.stderr)
     return {"bpb": score["bits_per_byte"], "val_bytes": score["bytes"], "steps": end["step"], "reason": end["reason"],
-            "process_wall_s": wall, "prep_s": prep, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak,
-            "params": start["params"], "tokens_seen": last["tokens_seen"], "plan": plan,
+            "process_wall_s": wall, "prep_s": prep, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if tok_s else None,
+            "params": start["params"], "tokens_seen": last.get("tokens_seen", 0), "plan": plan,
             "shape": {"n_layer": m.n_layer, "n_embd": m.n_embd, "block_size": m.block_size,
                       "vocab": cfg["tokenizer_vocab"], "batch_size": cfg["batch_size"],
                       "lr": cfg["lr"], "dropout": cfg["dropout"]}}
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpora", nargs="+", choices=sorted(CORPORA), default=["shakespeare", "tang"])
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--set", nargs="*", default=[], metavar="FLAG", help="extra trainer flags for `new` (trials)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of every contender (2; on a machine other jobs keep busy, 1 is faster)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "budget")
     p.add_argument("--json", type=Path, default=RESULT)
     p.add_argument("--markdown", type=Path, default=MARKDOWN)

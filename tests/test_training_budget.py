@@ -119,10 +119,10 @@ def test_max_steps_keeps_the_step_schedule_and_time_stays_a_hard_stop(tmp_path: 
 def test_resume_continues_the_same_time_schedule(tmp_path: Path, clock: FakeClock) -> None:
     Trainer(config(tmp_path, "a"), progress=Progress(interactive=False), clock=clock).run()
 
-    class StopAfter(Progress):  # a SIGTERM arriving during step 12
+    class StopAfter(Progress):  # a SIGTERM arriving during step 25, in the decay
         def step(self) -> None:
             self.count = getattr(self, "count", 0) + 1
-            if self.count == 12:
+            if self.count == 25:
                 first.request_stop()
 
     clock.now = 0.0

@@ -151,10 +151,14 @@ class Trainer:
         cfg, r = self.cfg, self.run_state
         if cfg.max_time is None:
             return
-        self.reserve_s = max_over_ranks(self._estimate_reserve(), self.ctx, r.device)
+        # At most 30% of the budget: on a badly overloaded machine the estimate can exceed the whole budget, and
+        # a run that trains nothing is worse than a final evaluation that ends a little late.
+        self.reserve_s = min(0.3 * cfg.max_time, max_over_ranks(self._estimate_reserve(), self.ctx, r.device))
         available = max(0.0, cfg.max_time - self.prep_s - self.reserve_s)
         saved = r.schedule_state
         if cfg.time_scheduled:
+            if saved is not None:
+                self.step_s = saved.get("step_s", 0.0)  # the next step's LR looks this far ahead
             if saved is not None and saved.get("max_time") == cfg.max_time:
                 self.budget = TimeBudget(budget_s=saved["budget_s"], elapsed_s=saved["elapsed_s"])
             elif saved is not None:  # a new --max-time on resume: that much more time, on the same schedule
@@ -380,7 +384,8 @@ class Trainer:
             "step": step, "tokens_seen": r.tokens_seen, "best_val_loss": r.best_val_loss,
             "optimizer": r.optimizer.state_dict(), "sampler": r.sampler.state_dict(), "rng": capture_rng(),
             "world_size": self.ctx.world_size,
-            "schedule": None if self.budget is None else {**self.budget.state_dict(), "max_time": self.cfg.max_time},
+            "schedule": None if self.budget is None else {
+                **self.budget.state_dict(), "max_time": self.cfg.max_time, "step_s": self.step_s},
         }
 
 
