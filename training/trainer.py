@@ -35,8 +35,9 @@ from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWrit
 from pocketgpt.training.progress import Progress
 from pocketgpt.training.run import Run, build_run
 from pocketgpt.training.sampler import eval_windows, windows_at
-from pocketgpt.training.schedule import TimeBudget, lr_at, lr_at_fraction
+from pocketgpt.training.schedule import TimeBudget
 from pocketgpt.training.state import capture_rng
+from pocketgpt.training.timebudget import MAX_RESERVE_SHARE, estimate_reserve, lr_for, start_budget
 
 
 @dataclass
@@ -145,26 +146,15 @@ class Trainer:
                 target_hit = self._evaluate_and_save(step, loss)
         return self._finish(step, reason)
 
-    # -- time budget --------------------------------------------------------------------------------
+    # -- time budget (training.timebudget) ----------------------------------------------------------
     def _start_budget(self) -> None:
         """Reserve time for the final evaluation and saves; set up (or resume) the time schedule."""
         cfg, r = self.cfg, self.run_state
         if cfg.max_time is None:
             return
-        # At most 30% of the budget: on a badly overloaded machine the estimate can exceed the whole budget, and
-        # a run that trains nothing is worse than a final evaluation that ends a little late.
-        self.reserve_s = min(0.3 * cfg.max_time, max_over_ranks(self._estimate_reserve(), self.ctx, r.device))
-        available = max(0.0, cfg.max_time - self.prep_s - self.reserve_s)
-        saved = r.schedule_state
-        if cfg.time_scheduled:
-            if saved is not None:
-                self.step_s = saved.get("step_s", 0.0)  # the next step's LR looks this far ahead
-            if saved is not None and saved.get("max_time") == cfg.max_time:
-                self.budget = TimeBudget(budget_s=saved["budget_s"], elapsed_s=saved["elapsed_s"])
-            elif saved is not None:  # a new --max-time on resume: that much more time, on the same schedule
-                self.budget = TimeBudget(budget_s=saved["elapsed_s"] + available, elapsed_s=saved["elapsed_s"])
-            else:
-                self.budget = TimeBudget(budget_s=available)
+        estimate = estimate_reserve(r.model, cfg, r.device, self.clock, self._autocast)
+        self.reserve_s = min(MAX_RESERVE_SHARE * cfg.max_time, max_over_ranks(estimate, self.ctx, r.device))
+        self.budget, self.step_s = start_budget(cfg, self.prep_s, self.reserve_s, r.schedule_state)
         self.progress.info(
             f"time budget {cfg.max_time:g} s: {self.prep_s:.1f} s spent before training, {self.reserve_s:.1f} s "
             f"kept for the final evaluation and checkpoints"
@@ -172,48 +162,14 @@ class Trainer:
                f"({cfg.time_schedule})" if self.budget else "")
         )
 
-    def _estimate_reserve(self) -> float:
-        """Seconds the final evaluation, checkpoints and one overrunning step take, from a timed forward pass.
-
-        An evaluation is `eval_batches` forward passes of a batch; a step about three (forward and backward).
-        Checkpoints: best (weights) and last (weights and two AdamW moments) written at ~100 MB/s, a slow disk.
-        """
-        cfg, r = self.cfg, self.run_state
-        model, T = r.model, r.model.config.block_size
-        gen = torch.Generator().manual_seed(0)  # its own generator: the run's random streams stay untouched
-        x = torch.randint(model.config.vocab_size, (cfg.batch_size, T), generator=gen).to(r.device)
-        model.eval()
-        with torch.no_grad(), self._autocast():
-            model(x)  # first call: allocations and kernel selection
-            t0 = self.clock()
-            model(x)
-            if r.device.type == "cuda":
-                torch.cuda.synchronize(r.device)
-            fwd_s = self.clock() - t0
-        model.train()
-        eval_s = fwd_s * cfg.eval_batches  # rank 0 evaluates alone, whole batches
-        sample_s = fwd_s * cfg.sample_tokens / 8  # greedy decoding with the KV cache: one token at a time
-        save_s = 0.2 + model.num_params() * 4 * 4 / 100e6
-        return 1.25 * (eval_s + sample_s + save_s) + 4 * fwd_s + 0.25
-
     def _time_up(self, now: float) -> bool:
         if self.budget is not None:
             return self.budget.done
         return self.cfg.max_time is not None and now - self.t_start >= self.cfg.max_time - self.reserve_s
 
-    def _lr(self, step: int) -> float:
-        cfg = self.cfg
-        if self.budget is None:
-            limit = cfg.step_limit or 0
-            return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=limit)
-        # Where in the budget this step will end: the last step then runs at min_lr.
-        frac = (self.budget.elapsed_s + self.step_s) / max(self.budget.budget_s, 1e-9)
-        return lr_at_fraction(frac, lr=cfg.lr, min_lr=cfg.min_lr, warmup_frac=cfg.warmup_frac,
-                              decay_frac=cfg.decay_frac, shape=cfg.time_schedule)
-
     def _train_step(self, step: int) -> torch.Tensor:
         cfg, r = self.cfg, self.run_state
-        lr = self._lr(step)
+        lr = lr_for(cfg, step, self.budget, self.step_s)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=r.device)
