@@ -79,7 +79,7 @@ def test_cjk_gets_whole_character_vocabulary() -> None:
 def test_every_planned_value_is_overridden_by_its_flag() -> None:
     plan = plan_for(1_000_000)
     given = {"tokenizer_vocab": 777, "n_layer": 3, "n_head": 2, "n_embd": 64, "block_size": 40, "batch_size": 5,
-             "lr": 0.0123, "min_lr": 0.00012, "dropout": 0.25}
+             "lr": 0.0123, "min_lr": 0.00012, "dropout": 0.25, "eval_batches": 3}
     assert set(given) == set(PLANNED_FIELDS)
     for name, value in given.items():
         one = apply_overrides(plan, {name: value})

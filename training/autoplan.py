@@ -1,8 +1,9 @@
 """Apply the planner (training.planner) to a run: survey the corpus, probe this machine, print and return the plan.
 
-The probe trains two or three candidate shapes on random tokens for a moment each (a share of the budget: 1%,
-0.5 to 2 s per shape) and measures tokens/s; under torchrun, rank 0 probes and sends the plan to the others,
-so every process builds the same model.
+The probe trains two or three candidate shapes on random tokens for a moment each and measures tokens/s, in
+at most 3% of the budget (1.5 to 6 s) in all: a shape whose step would not fit in what is left is estimated
+from the FLOP rate of the ones measured instead. Under torchrun, rank 0 probes and sends the plan to the
+others, so every process builds the same model.
 """
 
 from __future__ import annotations
@@ -81,26 +82,38 @@ def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float) 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    step()
+    tokens = shape.batch_size * shape.block_size
+    t0 = time.perf_counter()
+    step()  # the first step also allocates: timed, but only used when there is no time for another
     sync()
+    warm = time.perf_counter() - t0
+    if warm >= seconds:
+        return tokens / warm
     t0, n = time.perf_counter(), 0
-    while n < 3 or (time.perf_counter() - t0 < seconds and n < 50):
+    while n < 1 or (time.perf_counter() - t0 < seconds and n < 50):
         step()
         n += 1
         sync()
-    return n * shape.batch_size * shape.block_size / (time.perf_counter() - t0)
+    return n * tokens / (time.perf_counter() - t0)
 
 
 def probe(inputs: PlanInputs, vocab: int, device: torch.device, log: Callable[[str], None]) -> dict[str, float]:
-    """Tokens/s of the first-guess shape and its neighbours on the ladder."""
+    """Tokens/s of the first-guess shape and its neighbours on the ladder, smallest first, within an allowance."""
+    import time
+
     shapes = ladder(inputs.device)
     guess = first_guess(inputs, vocab)
-    budget = inputs.budget_s or 600.0
-    seconds = min(2.0, max(0.5, 0.01 * budget))
-    measured = {}
+    allowance = min(6.0, max(1.5, 0.03 * (inputs.budget_s or 600.0)))
+    t_begin, measured = time.perf_counter(), {}
     for i in sorted({max(0, guess - 1), guess, min(len(shapes) - 1, guess + 1)}):
-        measured[shapes[i].key] = probe_shape(shapes[i], vocab, device, seconds)
-        log(f"probe: {shapes[i].key} (context {shapes[i].block_size}) trains at {measured[shapes[i].key]:,.0f} tok/s")
+        shape, left = shapes[i], allowance - (time.perf_counter() - t_begin)
+        if measured:
+            step_s = shape.batch_size * shape.block_size / estimate_tokens_per_s(shapes, vocab, measured)[shape.key]
+            if step_s > left:
+                log(f"probe: {shape.key} left out (a step would take ~{step_s:.1f} s), estimated from the others")
+                break
+        measured[shape.key] = probe_shape(shape, vocab, device, max(0.2, left / 3))
+        log(f"probe: {shape.key} (context {shape.block_size}) trains at {measured[shape.key]:,.0f} tok/s")
     return measured
 
 

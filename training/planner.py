@@ -11,7 +11,8 @@ Rules, in order (training.autoplan measures what they need and applies the resul
 4. Vocabulary capped by width (at most 16 types per dimension): a wide table on a narrow model is mostly
    untrained rows that cost head compute.
 5. Learning rate: 3e-3 at width 128, scaled by 1/sqrt(width/128), to min_lr = lr/10. Dropout 0 unless the budget
-   passes over the data more than `DROPOUT_EPOCHS` times (then 0.1): short runs do not overfit.
+   passes over the data more than `DROPOUT_EPOCHS` times (then 0.1): short runs do not overfit. Evaluation
+   batches: 8 for budgets under ~10 minutes (the final evaluation is paid for inside the budget), else 20.
 
 The module is arithmetic only (no torch), so its rules are unit-tested without training anything.
 """
@@ -31,7 +32,7 @@ TOKENS_PER_PARAM = 1.0  # training tokens per non-embedding parameter aimed at (
 DROPOUT_EPOCHS = 4.0
 ASSUMED_BUDGET_S = 600.0  # what the plan sizes for when no --max-time is given
 PLANNED_FIELDS = ("tokenizer_vocab", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "lr", "min_lr",
-                  "dropout")
+                  "dropout", "eval_batches")
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,8 @@ def make_plan(inputs: PlanInputs, tokens_per_s: dict[str, float], probe_note: st
         PlanRow("lr", lr, "3e-3 x sqrt(128 / width), warmup-stable-decay over the budget"),
         PlanRow("min_lr", round(lr / 10, 6), "lr / 10 at the end of the decay"),
         PlanRow("dropout", dropout, f"~{epochs:.1f} passes over the data in {seconds:.0f} s of training"),
+        PlanRow("eval_batches", 8 if seconds < 500 else 20, "a short budget keeps its evaluations (the final one is "
+                "inside the budget) short" if seconds < 500 else "the default"),
     ]
     values = {r.name: r.value for r in rows if r.name in PLANNED_FIELDS}
     return {"values": values, "rows": [asdict(r) for r in rows], "inputs": asdict(inputs),
