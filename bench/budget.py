@@ -213,8 +213,30 @@ def markdown_section(results: dict[str, Any], json_rel: str) -> list[str]:
             lines.append(f"- {r['corpus']} {r['budget_s']:g} s, new <= previous defaults: {r['bpb']:.3f} vs "
                          f"{prev['bpb']:.3f}, {'met' if r['bpb'] <= prev['bpb'] else 'missed'}")
     lines += ["", "Left out: a single run per row (no medians yet); the nanoGPT loop's data preparation is free "
-              "(a character table), the trainer's is counted in its budget.", END]
-    return lines
+              "(a character table), the trainer's is counted in its budget.", ""]
+    lines += trials_section(Path(json_rel).parent)
+    return [*lines, END]
+
+
+TRIALS = RESULT.parent / "budget-trials"  # one bench.budget JSON per variant of the new defaults tried
+
+
+def trials_section(rel_dir: Path) -> list[str]:
+    """What was tried on top of the new defaults, one row per trial file (`--configs new --set ...`)."""
+    files = sorted(TRIALS.glob("*.json"))
+    if not files:
+        return []
+    lines = ["Variants tried (`python -m bench.budget --configs new --set FLAGS --json docs/benchmarks/budget-trials/"
+             "NAME.json --no-markdown`), one run each, in the order listed; compare with `baseline`, run among them:",
+             "", "| trial | flags | corpus | budget | bits/byte | steps | tokens/s | load | file |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        data = json.loads(f.read_text())
+        for r in data["rows"]:
+            lines.append(f"| {f.stem} | `{' '.join(data.get('extra_flags') or []) or '(none)'}` | {r['corpus']} | "
+                         f"{r['budget_s']:g} s | {r['bpb']:.3f} | {r['steps']} | {r['tokens_per_s'] or 0:,.0f} | "
+                         f"{r['load_before'][0]:.1f} | [{f.name}]({rel_dir / 'budget-trials' / f.name}) |")
+    return [*lines, ""]
 
 
 def write_markdown(results: dict[str, Any], markdown: Path, json_path: Path) -> None:
