@@ -150,6 +150,7 @@ def plan_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) -> 
         box = [plan]
         dist.broadcast_object_list(box, src=0)  # our own dict between our own processes
         plan = box[0]
-    assert plan is not None
+    if plan is None:  # rank 0 always sends one
+        raise RuntimeError("the planner's broadcast brought no plan")
     log(render(plan))
     return validate_config({**cfg.model_dump(), **plan["values"]}), plan
