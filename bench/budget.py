@@ -240,7 +240,16 @@ def trials_section(rel_dir: Path) -> list[str]:
 
 
 def write_markdown(results: dict[str, Any], markdown: Path, json_path: Path) -> None:
-    """Put the section into docs/benchmarks.md, replacing an earlier one."""
+    """Put the section into docs/benchmarks.md: the page re-rendered by bench.report (which includes
+    docs/benchmarks/budget.json's section) when its results file is there, else spliced in."""
+    suite = json_path.with_name("results.json")
+    if suite.is_file() and json_path.name == "budget.json":
+        from bench.plots import existing_plots
+        from bench.report import render
+
+        page = render(json.loads(suite.read_text()), markdown.parent, suite, existing_plots(json_path.parent))
+        markdown.write_text(page)
+        return
     section = "\n".join(markdown_section(results, os.path.relpath(json_path, markdown.parent)))
     text = markdown.read_text(encoding="utf-8") if markdown.is_file() else "# Benchmarks\n"
     if BEGIN in text and END in text:
