@@ -236,6 +236,12 @@ def trials_section(rel_dir: Path) -> list[str]:
             lines.append(f"| {f.stem} | `{' '.join(data.get('extra_flags') or []) or '(none)'}` | {r['corpus']} | "
                          f"{r['budget_s']:g} s | {r['bpb']:.3f} | {r['steps']} | {r['tokens_per_s'] or 0:,.0f} | "
                          f"{r['load_before'][0]:.1f} | [{f.name}]({rel_dir / 'budget-trials' / f.name}) |")
+    lines += ["", "Under this load, throughput moved 2-3x between runs, so single runs that differ in tokens/s do not "
+              "compare settings: only back-to-back pairs do. From the pairs 5-6 (Tang, vocabulary) and 2/7 "
+              "(Shakespeare, 2x96 against 4x128) the planner's CJK vocabulary cap (8 types per dimension) and its "
+              "target of 0.5 tokens per parameter were set after the table above was measured; schedule shape and "
+              "peak LR (1, 3) were inconclusive and stay as they were. Rerun `python -m bench.budget` on an idle "
+              "machine to measure the current rules."]
     return [*lines, ""]
 
 

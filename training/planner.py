@@ -5,11 +5,11 @@ Rules, in order (training.autoplan measures what they need and applies the resul
 2. Vocabulary, from the corpus size: about one token type per kilobyte of text (1 MB -> 1,024), a power of
    two from 512 to 8,192; for CJK, enough types to hold the characters that make up 99% of the text as whole
    tokens (a character model's alphabet), because byte pieces of a character teach the model little.
-3. Shape: the largest candidate of the device's ladder that still sees `TOKENS_PER_PARAM` training tokens per
+3. Shape: the largest candidate of the device's ladder that still sees `TOKENS_PER_PARAM` (0.5) training tokens per
    non-embedding parameter in the budget, at the throughput measured by a short probe on this machine (shapes
    not probed are estimated from the probed ones' FLOP rates). Short budgets and slow machines get small models.
-4. Vocabulary capped by width (at most 16 types per dimension): a wide table on a narrow model is mostly
-   untrained rows that cost head compute.
+4. Vocabulary capped by width (at most 16 types per dimension, 8 for CJK): a wide table on a narrow model is
+   mostly untrained rows that cost head compute (measured on Chinese: see the CJK cap in make_plan).
 5. Learning rate: 3e-3 at width 128, scaled by 1/sqrt(width/128), to min_lr = lr/10. Dropout 0 unless the budget
    passes over the data more than `DROPOUT_EPOCHS` times (then 0.1): short runs do not overfit. Evaluation
    batches: 8 for budgets under ~10 minutes (the final evaluation is paid for inside the budget), else 20.
@@ -28,7 +28,9 @@ from typing import Any
 CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _CJK = re.compile(f"[{CJK_RANGES}]")
 _CODE_SYMBOLS = re.compile(r"[{}()\[\];=<>_#:\"'`|&*+\-/\\]")
-TOKENS_PER_PARAM = 1.0  # training tokens per non-embedding parameter aimed at (see bench/budget.py results)
+# Training tokens per non-embedding parameter aimed at. On Tiny Shakespeare at 130 s (docs/benchmarks/budget-trials),
+# 4x128 at ~0.9 tokens per parameter beat 2x96 at ~3: at these budgets a bigger model learns faster per token.
+TOKENS_PER_PARAM = 0.5
 DROPOUT_EPOCHS = 4.0
 ASSUMED_BUDGET_S = 600.0  # what the plan sizes for when no --max-time is given
 PLANNED_FIELDS = ("tokenizer_vocab", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "lr", "min_lr",
@@ -179,9 +181,12 @@ def make_plan(inputs: PlanInputs, tokens_per_s: dict[str, float], probe_note: st
     shapes = ladder(inputs.device)
     idx, tokens = choose_shape(inputs, vocab, tokens_per_s)
     shape = shapes[idx]
-    cap = 16 * shape.n_embd
-    if vocab > cap and inputs.script != "cjk":
-        vocab, vocab_why = _pow2(cap, 512, 8192), f"{vocab_why}; capped at 16 per dimension of width {shape.n_embd}"
+    # CJK: 8 per dimension; on Tang poems at 130 s a 2x96 model scored 2.712 bpb with 1,024 types against 2.806
+    # with 4,096 (back to back, docs/benchmarks/budget-trials): the head's compute outweighed whole characters.
+    per_dim = 8 if inputs.script == "cjk" else 16
+    if vocab > per_dim * shape.n_embd:
+        vocab = _pow2(per_dim * shape.n_embd, 512, 8192)
+        vocab_why = f"{vocab_why}; capped at {per_dim} per dimension of width {shape.n_embd}"
     # A context that the validation split (~10% of the corpus) can fill several times over.
     est_tokens = inputs.corpus_bytes / (1.0 if inputs.script == "cjk" else 2.5)
     block = shape.block_size
