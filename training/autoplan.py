@@ -53,8 +53,12 @@ def survey(data: list[str], budget_s: float | None, device: str) -> PlanInputs:
                       cjk_vocab=cjk_vocab_for(sample) if script == "cjk" else None)
 
 
-def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float) -> float:
-    """Training tokens/s of `shape` on random tokens: one untimed step, then steps for about `seconds`."""
+def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float, limit: float | None = None) -> float:
+    """Training tokens/s of `shape` on random tokens: one untimed step, then steps for about `seconds`.
+
+    The first step also allocates and is slower, so at least one more step is timed unless the first alone
+    took half of `limit` (the time left for probing).
+    """
     import time
 
     cfg = ModelConfig(vocab_size=vocab, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
@@ -87,7 +91,7 @@ def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float) 
     step()  # the first step also allocates: timed, but only used when there is no time for another
     sync()
     warm = time.perf_counter() - t0
-    if warm >= seconds:
+    if warm >= 0.5 * (limit if limit is not None else seconds):
         return tokens / warm
     t0, n = time.perf_counter(), 0
     while n < 1 or (time.perf_counter() - t0 < seconds and n < 50):
@@ -112,7 +116,7 @@ def probe(inputs: PlanInputs, vocab: int, device: torch.device, log: Callable[[s
             if step_s > left:
                 log(f"probe: {shape.key} left out (a step would take ~{step_s:.1f} s), estimated from the others")
                 break
-        measured[shape.key] = probe_shape(shape, vocab, device, max(0.2, left / 3))
+        measured[shape.key] = probe_shape(shape, vocab, device, max(0.2, left / 3), limit=left)
         log(f"probe: {shape.key} (context {shape.block_size}) trains at {measured[shape.key]:,.0f} tok/s")
     return measured
 
