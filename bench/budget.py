@@ -240,8 +240,10 @@ def trials_section(rel_dir: Path) -> list[str]:
               "compare settings: only back-to-back pairs do. From the pairs 5-6 (Tang, vocabulary) and 2/7 "
               "(Shakespeare, 2x96 against 4x128) the planner's CJK vocabulary cap (8 types per dimension) and its "
               "target of 0.5 tokens per parameter were set after the table above was measured; schedule shape and "
-              "peak LR (1, 3) were inconclusive and stay as they were. Rerun `python -m bench.budget` on an idle "
-              "machine to measure the current rules."]
+              "peak LR (1, 3) were inconclusive and stay as they were. Trials 8-10 ran the current rules: on "
+              "Shakespeare the probe still measured 4x128 slower than it then trains (each file holds its plan), "
+              "so the planner kept 2x96 there. Rerun `python -m bench.budget` on an idle machine to measure the "
+              "current rules."]
     return [*lines, ""]
 
 
