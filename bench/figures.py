@@ -33,6 +33,7 @@ FIRST_TOKEN = ROOT / "docs" / "benchmarks" / "first-token.json"  # python -m ben
 DOCKER_E2E = ROOT / "docs" / "benchmarks" / "docker-e2e.json"  # POCKETGPT_E2E_TIMINGS=FILE make test-docker
 GQA = ROOT / "docs" / "benchmarks" / "gqa.json"  # python -m bench.gqa
 LORA = ROOT / "docs" / "benchmarks" / "lora.json"  # python -m bench.lora
+BUDGET = ROOT / "docs" / "benchmarks" / "budget.json"  # python -m bench.budget
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -330,14 +331,33 @@ def readme_llama(gqa: dict[str, Any], lora: dict[str, Any]) -> str:
 
 
 # -- blocks in Markdown files ----------------------------------------------------------------------------------------
+def readme_budget(budget: dict[str, Any]) -> str:
+    """README's training-budget table: held-out bits per byte of each contender, per corpus and budget."""
+    rows: dict[tuple[str, float], dict[str, float]] = {}
+    for r in budget["rows"]:
+        rows.setdefault((r["corpus"], r["budget_s"]), {})[r["config"]] = r["bpb"]
+    load_avg = budget["load_average_start"][0]
+    lines = [f"Held-out bits per byte (lower is better) from [{rel(BUDGET)}]({rel(BUDGET)}) (`python -m bench.budget`, "
+             f"{budget['threads']} thread(s), load average {load_avg:.1f} at the start: a shared machine, so the "
+             "budgets bought less training than on an idle one):", "",
+             "| corpus | budget | defaults (`--data --max-time` only) | previous defaults | nanoGPT-style loop |",
+             "| --- | --: | --: | --: | --: |"]
+    for (corpus, seconds), by in rows.items():
+        cells = [num(by[c], 3) if c in by else "–" for c in ("new", "previous", "nanogpt")]
+        lines.append(f"| {corpus} | {seconds:g} s | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
-    results, soak, engine = load(RESULTS), load(SOAK), load(ENGINE)
+    results, soak, engine, budget = load(RESULTS), load(SOAK), load(ENGINE), load(BUDGET)
     first_token, docker_e2e = load(FIRST_TOKEN), load(DOCKER_E2E)
     blocks: list[tuple[Path, str, Callable[[], str]]] = [
         (RELIABILITY, "soak", lambda: soak_section(soak)),
         (README, "first-token", lambda: first_token_section(first_token)),
         (README, "docker-e2e", lambda: docker_e2e_section(docker_e2e)),
     ]
+    if budget is not None:
+        blocks.append((README, "budget", lambda: readme_budget(budget)))
     if results is not None:
         blocks.append((README, "performance", lambda: readme_performance(results, soak)))
     if engine is not None:

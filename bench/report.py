@@ -260,6 +260,13 @@ def render(results: dict[str, Any], md_dir: Path, json_path: Path, images: dict[
         "`python -m bench --device cuda` measures it.",
         "",
     ]
+    budget = json_path.parent / "budget.json"  # bench.budget's results: its section survives a regeneration
+    if budget.is_file():
+        import json
+
+        from bench.budget import markdown_section
+
+        lines += [*markdown_section(json.loads(budget.read_text()), _rel(budget, md_dir)), ""]
     if ANALYSIS.is_file():
         lines += [analysis(results, json_path), ""]
     return "\n".join(lines)

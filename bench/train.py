@@ -91,13 +91,14 @@ def split(text: str) -> tuple[str, str]:
 
 # -- the nanoGPT-style reference ----------------------------------------------------------------------
 def nanogpt_reference(seconds: float, threads: int, max_steps: int = 2000, eval_every: int = 100,
-                      eval_batches: int = 20, seed: int = 1337, device: str = "cpu") -> dict[str, Any]:
+                      eval_batches: int = 20, seed: int = 1337, device: str = "cpu",
+                      texts: tuple[str, str] | None = None) -> dict[str, Any]:
+    """nanoGPT's CPU run on Tiny Shakespeare (90/10 by bytes), or on `texts` = (train, val) (bench.budget)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    text = SHAKESPEARE.read_text(encoding="utf-8")
-    chars = sorted(set(text))
+    train_text, val_text = texts if texts is not None else split(SHAKESPEARE.read_text(encoding="utf-8"))
+    chars = sorted(set(train_text + val_text))  # as nanoGPT's prepare.py: the alphabet of the whole file
     stoi = {c: i for i, c in enumerate(chars)}
-    train_text, val_text = split(text)
     train = torch.tensor([stoi[c] for c in train_text], device=device)
     val_ids = [stoi[c] for c in val_text]
     val = torch.tensor(val_ids, device=device)

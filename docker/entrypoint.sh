@@ -15,10 +15,10 @@
 #                                one named explicitly must exist: only the starter is trained here
 #   POCKETGPT_BOOTSTRAP          1 (default): train the starter when it is missing; 0: fail instead
 #   POCKETGPT_STARTER_DATA       corpus of the starter model (default: stdlib, the Python standard library)
-#   POCKETGPT_STARTER_MAX_STEPS  optimizer steps (default: 900 on CPU, 2000 on a GPU)
-#   POCKETGPT_STARTER_MAX_TIME   hard cap on the starter's training, seconds (default: 300 on CPU, 600 on a GPU)
-#   POCKETGPT_STARTER_ARGS       model and optimizer flags of `python -m pocketgpt.training train` for the starter,
-#                                replacing the defaults below (given last, so they win over any flag here)
+#   POCKETGPT_STARTER_MAX_STEPS  optimizer steps (default: none, the schedule follows the time budget)
+#   POCKETGPT_STARTER_MAX_TIME   the starter's time budget, seconds (default: 300 on CPU, 600 on a GPU)
+#   POCKETGPT_STARTER_ARGS       model and optimizer flags of `python -m pocketgpt.training train` for the starter
+#                                (default: none, the planner sizes it for the budget and prints its plan)
 #   POCKETGPT_DEVICE             auto (default), cpu, cuda, ...: used for training and serving
 #   POCKETGPT_HOST, POCKETGPT_PORT, POCKETGPT_API_KEYS, ...: read by the server (see app/settings.py)
 #   POCKETGPT_PYTHON             interpreter that has pocketgpt installed (default python3, found on PATH:
@@ -97,21 +97,25 @@ train_starter() {
     if [ "$device" = auto ]; then
         device="$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"
     fi
-    # The starter: chosen so that the first run takes a few minutes on 2 CPU cores (README, "Quick start").
+    # The starter: the best model its time budget allows (5 minutes on CPU, 10 on a GPU). With no shape flags
+    # the trainer's planner picks the shape, vocabulary and learning rate for this machine and prints its plan.
     case "$device" in
-        cuda*) steps="${POCKETGPT_STARTER_MAX_STEPS:-2000}"; max_time="${POCKETGPT_STARTER_MAX_TIME:-600}"
-               args="${POCKETGPT_STARTER_ARGS:---preset small --batch-size 32}" ;;
-        *)     steps="${POCKETGPT_STARTER_MAX_STEPS:-900}"; max_time="${POCKETGPT_STARTER_MAX_TIME:-300}"
-               args="${POCKETGPT_STARTER_ARGS:---preset small --n-embd 128 --tokenizer-vocab 4096 --batch-size 8 --lr 3e-3 --warmup-steps 50}" ;;
+        cuda*) max_time="${POCKETGPT_STARTER_MAX_TIME:-600}" ;;
+        *)     max_time="${POCKETGPT_STARTER_MAX_TIME:-300}" ;;
     esac
+    args="${POCKETGPT_STARTER_ARGS:-}"
+    steps="${POCKETGPT_STARTER_MAX_STEPS:-}"
+    if [ -n "$steps" ]; then
+        args="--max-steps $steps --eval-every $(( steps / 4 > 0 ? steps / 4 : 1 )) $args"
+    fi
     log "no checkpoint at $CKPT: training the starter model on '${POCKETGPT_STARTER_DATA:-stdlib}'" \
-        "($steps steps at most, ${max_time}s at most, on $device)"
+        "(${max_time}s budget${steps:+, $steps steps at most}, on $device)"
     mkdir -p "$CKPT_DIR"
     fresh=1
     if is_checkpoint "$partial/last"; then
         log "resuming the starter's interrupted training from $partial/last"
         run_forwarding_signals "$PY" -m pocketgpt.training train --resume "$partial" \
-            --device "$device" --max-steps "$steps" --max-time "$max_time"
+            --device "$device" --max-time "$max_time" ${steps:+--max-steps "$steps"}
         fresh=0
         if [ -z "$stopped" ] && { [ "$status" -ne 0 ] || ! is_checkpoint "$partial/best"; }; then
             log "could not resume (status $status, or no best checkpoint): training the starter from the beginning"
@@ -125,9 +129,7 @@ train_starter() {
         run_forwarding_signals "$PY" -m pocketgpt.training train \
             --data "${POCKETGPT_STARTER_DATA:-stdlib}" \
             --device "$device" \
-            --max-steps "$steps" \
             --max-time "$max_time" \
-            --eval-every "$(( steps / 4 > 0 ? steps / 4 : 1 ))" \
             --out "$partial" \
             $args
     fi

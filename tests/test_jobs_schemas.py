@@ -39,3 +39,47 @@ def test_bad_combinations_name_their_field() -> None:
         JobRequest(data="stdlib", device="tpu")
     with pytest.raises(ValidationError):
         JobRequest(data=["stdlib"] * 33)
+
+
+def test_a_job_with_a_time_budget_and_no_preset_is_planned_by_the_trainer() -> None:
+    """max_time means what `--max-time` means; no preset lets the trainer's planner choose the model."""
+    args = JobRequest(data="stdlib", max_time=300).trainer_args(["stdlib"], None)
+    assert args[args.index("--max-time") + 1] == "300.0"
+    assert "--preset" not in args and "--max-steps" not in args
+    cfg = TrainConfig.model_validate({"data": ["stdlib"], "max_time": 300})
+    assert cfg.planned and cfg.time_scheduled and cfg.step_limit is None
+    with_preset = JobRequest(data="stdlib", preset="tiny", max_time=60, model={"n_layer": 1})
+    assert "--preset" in with_preset.trainer_args(["stdlib"], None)
+    assert "--n-layer" in JobRequest(data="stdlib", model={"n_layer": 3}).trainer_args(["stdlib"], None)
+
+
+def test_playground_train_form_offers_budgets_and_shows_the_plan() -> None:
+    """The Train tab's budget choices are the admin API's max_time; a `plan` record fills the plan table."""
+    from html.parser import HTMLParser
+    from pathlib import Path
+
+    static = Path(__file__).resolve().parents[1] / "app" / "static"
+
+    class Options(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.select: str | None = None
+            self.options: dict[str, list[str]] = {}
+            self.ids: set[str] = set()
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            a = dict(attrs)
+            self.ids.add(a.get("id") or "")
+            if tag == "select":
+                self.select = a.get("id")
+            elif tag == "option" and self.select:
+                self.options.setdefault(self.select, []).append(a["value"])
+
+    page = Options()
+    page.feed((static / "index.html").read_text())
+    budgets = [float(v) for v in page.options["job-budget"]]
+    assert budgets == [60, 300, 900, 3600]
+    assert all(JobRequest(data="stdlib", max_time=b).max_time == b for b in budgets)
+    assert page.options["job-preset"][0] == "auto" and {"job-plan", "job-plan-rows"} <= page.ids
+    js = (static / "train.js").read_text()
+    assert 'case "plan":' in js and "max_time: Number($(\"job-budget\").value)" in js

@@ -196,3 +196,24 @@ def test_long_texts_encode_the_same_through_the_gil_free_path(tok: Tokenizer) ->
     assert tok.encode(text) == tok._hf.encode(text, add_special_tokens=False).ids
     plain = tok.encode(text, allow_special=False)
     assert tok.eot_id not in plain and tok.decode(plain) == text
+
+
+def test_cjk_characters_stay_whole_and_old_tokenizers_still_load(tmp_path) -> None:
+    """New tokenizers never merge across CJK characters; ones trained without that (older checkpoints) still work."""
+    poems = "床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。白日依山盡，黃河入海流。" * 50
+    texts = [poems, "The quick brown fox. " * 50]
+    new = train_tokenizer(texts, vocab_size=400)
+    cjk = [new.token_bytes(i).decode("utf-8", "ignore") for i in range(new.vocab_size)]
+    whole = [t for t in cjk if t and all("\u3000" <= ch <= "\uffef" for ch in t)]
+    assert whole and all(len(t) == 1 for t in whole)  # single characters, never runs of them
+    assert any(len(t.strip()) > 3 for t in cjk)  # Latin words still merge
+    old = train_tokenizer(texts, vocab_size=400, cjk_whole=False)
+    assert any(len(t) > 1 and all("\u4e00" <= ch <= "\u9fff" for ch in t)
+               for t in (old.token_bytes(i).decode("utf-8", "ignore") for i in range(old.vocab_size)))
+    for tok in (new, old):
+        loaded = Tokenizer.from_file(tok.save(tmp_path / f"{id(tok)}.json"))
+        for text in (poems[:60], "Mixed 中文 and English。"):
+            ids = loaded.encode(text)
+            assert ids == tok.encode(text) and loaded.decode(ids) == text
+            stream = StreamDecoder(loaded)
+            assert "".join(stream.push(i) for i in ids) + stream.flush() == text

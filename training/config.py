@@ -21,6 +21,7 @@ from pocketgpt.training.errors import UserError
 PresetName = Literal["tiny", "small", "gpt2"]  # the keys of model.config.PRESETS (a test keeps them equal)
 STDLIB = "stdlib"  # the built-in corpus: the running interpreter's standard library sources
 MIN_TOKENIZER_VOCAB = 260  # model.tokenizer.MIN_VOCAB_SIZE, repeated to keep this module import-light
+DEFAULT_STEPS = 2000  # the step schedule's length when neither --max-steps nor --max-time is given
 MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size", "dropout")
 
 
@@ -42,10 +43,15 @@ class TrainConfig(BaseModel):
     data_dir: str | None = Field(None, description="where prepared token files go (default: OUT/data)")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of tokens held out for validation (the end)")
     tokenizer_vocab: int = Field(
-        8192, ge=MIN_TOKENIZER_VOCAB, le=2**32 - 1, description="BPE vocabulary size to train"
+        8192, ge=MIN_TOKENIZER_VOCAB, le=2**32 - 1,
+        description="BPE vocabulary size to train (planned when no --preset is given; 8192 with a preset)",
     )
     # -- model -------------------------------------------------------------------------------------
-    preset: PresetName = Field("small", description="model shape: tiny, small or gpt2")
+    preset: PresetName | None = Field(
+        None, description="model shape: tiny, small or gpt2; without it the shape, vocabulary, batch and learning "
+        "rate are planned from the data, the time budget and a throughput probe of this machine (any flag given "
+        "overrides its part of the plan)",
+    )
     n_layer: int | None = Field(None, gt=0, description="override the preset's layer count")
     n_head: int | None = Field(None, gt=0, description="override the preset's attention heads")
     n_kv_head: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention (must "
@@ -72,8 +78,19 @@ class TrainConfig(BaseModel):
                               description="comma-separated projections to adapt: q, k, v, o, gate, up, down")
     save_adapter: bool = Field(False, description="also save the LoRA adapters beside each checkpoint's weights")
     # -- stopping, evaluation, logging -------------------------------------------------------------
-    max_steps: int = Field(2000, gt=0, description="optimizer steps to train (the cosine schedule's length)")
-    max_time: float | None = Field(None, gt=0, description="stop after this many seconds of wall time")
+    max_steps: int | None = Field(
+        None, gt=0, description=f"optimizer steps to train, the cosine schedule's length (default: {DEFAULT_STEPS} "
+        "without --max-time; no step limit with it)",
+    )
+    max_time: float | None = Field(
+        None, gt=0, description="time budget in seconds of wall time, data preparation included; without "
+        "--max-steps the learning-rate schedule follows it, and the final evaluation and checkpoints fit in it",
+    )
+    time_schedule: Literal["wsd", "cosine"] = Field(
+        "wsd", description="schedule shape over the time budget: wsd (warmup-stable-decay) or cosine",
+    )
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="time schedule: share of the budget warming up")
+    decay_frac: float = Field(0.3, ge=0, le=1, description="time schedule (wsd): share of the budget decaying")
     target_loss: float | None = Field(None, gt=0, description="stop once the validation loss reaches this")
     eval_every: int = Field(200, gt=0, description="evaluate and save a checkpoint every N steps")
     eval_batches: int = Field(20, gt=0, description="validation batches per evaluation")
@@ -99,7 +116,26 @@ class TrainConfig(BaseModel):
             raise ValueError("lora_r fine-tunes a checkpoint: give init_from (or resume a LoRA run)")
         if self.save_adapter and self.lora_r is None:
             raise ValueError("save_adapter needs lora_r")
+        if self.warmup_frac + self.decay_frac > 1:
+            raise ValueError(f"warmup_frac + decay_frac ({self.warmup_frac} + {self.decay_frac}) exceed 1")
         return self
+
+    @property
+    def time_scheduled(self) -> bool:
+        """Whether the learning rate follows the time budget (--max-time without --max-steps)."""
+        return self.max_time is not None and self.max_steps is None
+
+    @property
+    def step_limit(self) -> int | None:
+        """The step count that ends the run: max_steps, the default without a time budget, or none."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return None if self.max_time is not None else DEFAULT_STEPS
+
+    @property
+    def planned(self) -> bool:
+        """Whether the planner chooses the shape: a fresh pretraining run with no --preset."""
+        return self.preset is None and self.task == "pretrain" and not self.resume and not self.init_from
 
     def model_overrides(self) -> dict[str, Any]:
         """The model shape fields given explicitly (not None)."""

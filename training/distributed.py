@@ -93,6 +93,15 @@ def any_true(flags: list[bool], ctx: DistContext, device: torch.device) -> list[
     return [bool(v) for v in t.tolist()]
 
 
+def max_over_ranks(value: float, ctx: DistContext, device: torch.device) -> float:
+    """The largest of a float over all ranks (rank 0's clock may be ahead: every rank then uses the same)."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """The mean of a scalar tensor over all ranks (the global batch's loss for logging)."""
     if not ctx.enabled:

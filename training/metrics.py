@@ -22,6 +22,8 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("type", "step", "path", "kind"),
     "end": ("type", "status", "step", "reason", "best_val_loss", "best_path", "last_path"),
     "error": ("type", "message"),
+    # after start, when the planner chose the settings: [{"name", "value", "why"}, ...] (training.planner)
+    "plan": ("type", "rows"),
     # task sft, after each eval record: greedy answers to held-out examples scored against their references
     # (percentages; `scored` = how many were generated).
     "sft_eval": ("type", "step", "scored", "exact_match", "bleu", "rouge1", "rouge2", "rougeL"),
@@ -56,7 +58,7 @@ class MetricsWriter:
         self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()
 
-    def start(self, *, total_steps: int, params: int, tokens_per_step: int, resumed_from_step: int | None,
+    def start(self, *, total_steps: int | None, params: int, tokens_per_step: int, resumed_from_step: int | None,
               preset: str, run_dir: str) -> None:
         self.write("start", time=time.time(), total_steps=total_steps, params=params,
                    tokens_per_step=tokens_per_step, resumed_from_step=resumed_from_step, preset=preset,

@@ -32,7 +32,7 @@ class Progress:
         else:
             print(message, file=self.stream, flush=True)
 
-    def begin(self, total: int, initial: int) -> None:
+    def begin(self, total: int | None, initial: int) -> None:
         if self.enabled and self.interactive:
             self._bar = tqdm(total=total, initial=initial, file=self.stream, dynamic_ncols=True, unit="step")
 
@@ -40,13 +40,14 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
 
-    def report(self, step: int, total: int, loss: float, lr: float, tokens_per_s: float, eta_s: float) -> None:
+    def report(self, step: int, total: int | None, loss: float, lr: float, tokens_per_s: float, eta_s: float) -> None:
         """Called every log interval: refresh the bar's figures, or print a line."""
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=True)
         else:
             self.info(
-                f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+                f"step {step}{'' if total is None else f'/{total}'} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_s:,.0f} tok/s | "
                 f"eta {format_seconds(eta_s)}"
             )
 

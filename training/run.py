@@ -52,6 +52,7 @@ class Run:
     start_step: int = 0
     tokens_seen: int = 0
     best_val_loss: float | None = None
+    schedule_state: dict | None = None  # a resumed time-budget run's TimeBudget.state_dict()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -77,14 +78,14 @@ def _model_config(cfg: TrainConfig, ckpt: Checkpoint | None, tokenizer: Tokenize
         vocab = overrides.pop("vocab_size", tokenizer.vocab_size)
         if vocab < tokenizer.vocab_size:
             raise UserError(f"vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-        return preset(cfg.preset, vocab_size=vocab, **overrides)
+        return preset(cfg.preset or "small", vocab_size=vocab, **overrides)  # planned runs override every shape field
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def _preset_name(cfg: TrainConfig, ckpt: Checkpoint | None) -> str:
     if ckpt is None or cfg.resume:  # a resumed run's config is the one it was started with
-        return cfg.preset
+        return cfg.preset or "planned"
     return str((ckpt.meta.get("config") or {}).get("preset", "custom"))
 
 
@@ -181,3 +182,4 @@ def _restore(run: Run, source: Path) -> None:
     restore_rng(state["rng"])
     run.start_step, run.tokens_seen = state["step"], state["tokens_seen"]
     run.best_val_loss = state["best_val_loss"]
+    run.schedule_state = state.get("schedule")

@@ -4,9 +4,14 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` windows (shared 
 Every `eval_every` steps: validation loss, perplexity, bits per byte and a greedy sample, then RUN_DIR/best (on
 a new best validation loss) and RUN_DIR/last, the latter with the state to resume from (task sft: loss on the
 held-out answers, plus an `sft_eval` record scoring greedy answers; see training.sft_eval). The run stops at
-`max_steps`, after `max_time` seconds (counted from the start of `run`, data preparation included), when the
-validation loss reaches `target_loss`, or on `request_stop()` (SIGTERM/SIGINT): the current step finishes,
-`last` is saved and the run ends "cancelled".
+`max_steps`, when the `max_time` budget is spent (counted from the start of `run`, planning and data preparation
+included), when the validation loss reaches `target_loss`, or on `request_stop()` (SIGTERM/SIGINT): the current
+step finishes, `last` is saved and the run ends "cancelled".
+
+With `max_time`, time is reserved at the start for the final evaluation and checkpoints (estimated from a timed
+forward pass and the model's size), so a run stopped by its budget ends inside it. Without `max_steps` the
+learning rate then follows the elapsed training time (training.schedule), kept in the resume state so that a
+resumed run continues the same schedule. All times come from `clock`, which tests replace with a fake one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +31,14 @@ from pocketgpt.model.generate import generate
 from pocketgpt.model.sampling import SamplingParams
 from pocketgpt.training import lora
 from pocketgpt.training.config import TrainConfig
-from pocketgpt.training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
+from pocketgpt.training.distributed import DistContext, any_true, grad_sync, max_over_ranks, mean_over_ranks
 from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
 from pocketgpt.training.progress import Progress
 from pocketgpt.training.run import Run, build_run
 from pocketgpt.training.sampler import eval_windows, windows_at
-from pocketgpt.training.schedule import lr_at
+from pocketgpt.training.schedule import TimeBudget
 from pocketgpt.training.state import capture_rng
+from pocketgpt.training.timebudget import MAX_RESERVE_SHARE, estimate_reserve, lr_for, start_budget
 
 
 @dataclass
@@ -59,8 +66,14 @@ class Trainer:
     def __init__(
         self, cfg: TrainConfig, ctx: DistContext | None = None,
         metrics: MetricsWriter | None = None, progress: Progress | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock
+        self.plan: dict[str, Any] | None = None  # the planner's table (training.planner), when it chose the shape
+        self.budget: TimeBudget | None = None  # the time schedule's state, with max_time and no max_steps
+        self.reserve_s = 0.0  # seconds kept at the end of a max_time budget for the final evaluation and saves
+        self.step_s = 0.0  # duration of the last optimizer step
         self.ctx = ctx or DistContext()
         main = self.ctx.is_main
         self.metrics = metrics or MetricsWriter(Path(cfg.out) / METRICS_FILENAME if main else None)
@@ -78,8 +91,18 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train until a stop condition; returns how it ended."""
-        self.t_start = time.monotonic()
+        self.t_start = self.clock()
+        if self.cfg.planned:
+            from pocketgpt.training.autoplan import plan_run  # torch-side glue of the planner
+
+            self.cfg, self.plan = plan_run(self.cfg, self.ctx, self.progress.info)
+        elif self.cfg.resume:
+            self.plan = _saved_plan(self.cfg.resume)
         self.run_state: Run = build_run(self.cfg, self.ctx, self.progress.info)
+        self.prep_s = self.clock() - self.t_start
+        if self.cfg.max_time is not None:
+            self.progress.info(f"planning and data preparation took {self.prep_s:.1f} s of the "
+                               f"{self.cfg.max_time:g} s budget")
         try:
             return self._loop()
         finally:
@@ -93,19 +116,27 @@ class Trainer:
         self.last_eval: tuple[int, EvalResult] | None = None
         self.saved_step: int | None = r.start_step if cfg.resume else None
         self.train_loss: float | None = None
-        t_loop, last_log = time.monotonic(), (time.monotonic(), step)
-        self.progress.begin(cfg.max_steps, step)
+        self._start_budget()
+        limit = cfg.step_limit
+        t_loop = t_prev = self.clock()
+        last_log = (t_loop, step)
+        self.progress.begin(limit, step)
         target_hit, reason = False, None
         while reason is None:
-            time_up = cfg.max_time is not None and time.monotonic() - self.t_start >= cfg.max_time
-            stop, time_up, target_hit = any_true([self._stop, time_up, target_hit], self.ctx, r.device)
+            now = self.clock()
+            if self.budget is not None:  # training time, periodic evaluations included; every rank agrees
+                self.budget.elapsed_s = max_over_ranks(self.budget.elapsed_s + now - t_prev, self.ctx, r.device)
+            t_prev = now
+            stop, time_up, target_hit = any_true([self._stop, self._time_up(now), target_hit], self.ctx, r.device)
             reason = (
-                "max_steps" if step >= cfg.max_steps else "target_loss" if target_hit
+                "max_steps" if limit is not None and step >= limit else "target_loss" if target_hit
                 else "signal" if stop else "max_time" if time_up else None
             )
             if reason:
                 break
+            t_step = self.clock()
             loss = self._train_step(step)
+            self.step_s = self.clock() - t_step
             step += 1
             r.tokens_seen += self.tokens_per_step
             self.progress.step()
@@ -116,9 +147,30 @@ class Trainer:
                 target_hit = self._evaluate_and_save(step, loss)
         return self._finish(step, reason)
 
+    # -- time budget (training.timebudget) ----------------------------------------------------------
+    def _start_budget(self) -> None:
+        """Reserve time for the final evaluation and saves; set up (or resume) the time schedule."""
+        cfg, r = self.cfg, self.run_state
+        if cfg.max_time is None:
+            return
+        estimate = estimate_reserve(r.model, cfg, r.device, self.clock, self._autocast)
+        self.reserve_s = min(MAX_RESERVE_SHARE * cfg.max_time, max_over_ranks(estimate, self.ctx, r.device))
+        self.budget, self.step_s = start_budget(cfg, self.prep_s, self.reserve_s, r.schedule_state)
+        self.progress.info(
+            f"time budget {cfg.max_time:g} s: {self.prep_s:.1f} s spent before training, {self.reserve_s:.1f} s "
+            f"kept for the final evaluation and checkpoints"
+            + (f"; the learning rate follows the remaining {self.budget.remaining_s:.1f} s of training "
+               f"({cfg.time_schedule})" if self.budget else "")
+        )
+
+    def _time_up(self, now: float) -> bool:
+        if self.budget is not None:
+            return self.budget.done
+        return self.cfg.max_time is not None and now - self.t_start >= self.cfg.max_time - self.reserve_s
+
     def _train_step(self, step: int) -> torch.Tensor:
         cfg, r = self.cfg, self.run_state
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        lr = lr_for(cfg, step, self.budget, self.step_s)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=r.device)
@@ -145,18 +197,21 @@ class Trainer:
         self.train_loss = float(mean_over_ranks(loss, self.ctx).item())
         if not math.isfinite(self.train_loss):
             raise RuntimeError(f"training diverged: the loss is {self.train_loss} at step {step}; lower --lr")
-        now = time.monotonic()
+        now = self.clock()
         tokens_per_s = (step - last[1]) * self.tokens_per_step / max(now - last[0], 1e-9)
-        eta = (cfg.max_steps - step) * (now - t_loop) / max(step - self.run_state.start_step, 1)
-        if cfg.max_time is not None:
+        limit = cfg.step_limit
+        eta = math.inf if limit is None else (limit - step) * (now - t_loop) / max(step - self.run_state.start_step, 1)
+        if self.budget is not None:
+            eta = min(eta, self.budget.remaining_s + self.reserve_s)
+        elif cfg.max_time is not None:
             eta = min(eta, max(0.0, cfg.max_time - (now - self.t_start)))
         lr = self.run_state.optimizer.param_groups[0]["lr"]
         self.metrics.write(
-            "train", step=step, total_steps=cfg.max_steps, loss=self.train_loss, lr=lr,
+            "train", step=step, total_steps=limit, loss=self.train_loss, lr=lr,
             tokens_per_s=tokens_per_s, elapsed_s=now - self.t_start, eta_s=eta,
             tokens_seen=self.run_state.tokens_seen,
         )
-        self.progress.report(step, cfg.max_steps, self.train_loss, lr, tokens_per_s, eta)
+        self.progress.report(step, limit, self.train_loss, lr, tokens_per_s, eta)
         return now, step
 
     def _finish(self, step: int, reason: str) -> RunResult:
@@ -192,9 +247,11 @@ class Trainer:
             f"{f'; resuming from step {r.start_step}' if cfg.resume else ''}"
         )
         self.metrics.start(
-            total_steps=cfg.max_steps, params=r.model.num_params(), tokens_per_step=self.tokens_per_step,
+            total_steps=cfg.step_limit, params=r.model.num_params(), tokens_per_step=self.tokens_per_step,
             resumed_from_step=r.start_step if cfg.resume else None, preset=r.preset, run_dir=str(cfg.out),
         )
+        if self.plan is not None and not cfg.resume:
+            self.metrics.write("plan", rows=self.plan["rows"])
 
     def _lora_note(self) -> str:
         spec = self.run_state.lora
@@ -284,6 +341,8 @@ class Trainer:
             meta["lora"] = {"r": r.lora.r, "alpha": r.lora.alpha, "targets": list(r.lora.targets)}
             if cfg.save_adapter:
                 extra = lora.adapter_files(r.model, r.lora, cfg.init_from)
+        if self.plan is not None:
+            meta["plan"] = self.plan
         save_checkpoint(path, model, r.tokenizer, meta, self._train_state(step) if kind == "last" else None,
                         chat_template=r.chat_template, extra_files=extra)
         if kind == "last":
@@ -297,4 +356,17 @@ class Trainer:
             "optimizer": r.optimizer.state_dict(), "sampler": r.sampler.state_dict(), "rng": capture_rng(),
             "world_size": self.ctx.world_size,
             **({"lora": lora.adapter_state(r.model)} if r.lora is not None else {}),
+            "schedule": None if self.budget is None else {
+                **self.budget.state_dict(), "max_time": self.cfg.max_time, "step_s": self.step_s},
         }
+
+
+def _saved_plan(run_dir: str) -> dict[str, Any] | None:
+    """The plan recorded in a run's last checkpoint, carried over to the checkpoints of its resumption."""
+    from pocketgpt.model.checkpoint import CheckpointError, read_meta
+
+    try:
+        plan = read_meta(Path(run_dir) / "last").get("plan")
+    except CheckpointError:
+        return None
+    return plan if isinstance(plan, dict) else None

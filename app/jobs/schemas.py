@@ -53,7 +53,8 @@ class JobRequest(_Strict):
         description="`stdlib`, a dataset id, or a path under the data root; or a list of them (at most 32)")
     task: Literal["pretrain", "sft"] | None = Field(
         None, description="sft: fine-tune init_from on JSONL prompt/completion or chat-messages examples")
-    preset: Preset = "small"
+    preset: Preset | None = Field(
+        None, description="model shape; unset: the trainer plans the model for the data, budget and machine")
     model: ModelOverrides | None = None
     tokenizer_vocab: int | None = Field(None, ge=260, le=200_000)
     val_fraction: float | None = Field(None, gt=0, lt=1)
@@ -91,7 +92,7 @@ class JobRequest(_Strict):
         """
         overrides = self.model.model_dump(exclude_none=True) if self.model else {}
         try:
-            model_preset(self.preset, **overrides)
+            model_preset(self.preset or "small", **overrides)  # unset: planned, the overrides still apply
         except (ValueError, TypeError) as e:
             raise ConfigProblem("model", f"model: {e}") from None
         values: dict[str, Any] = {k: getattr(self, k) for k in TRAINING_FIELDS if getattr(self, k) is not None}

@@ -52,6 +52,7 @@ export function initTrain({ isVisible, onModelChange }) {
     title: $("job-title"), status: $("job-status"), progress: $("job-progress"), progressLabel: $("job-progress-label"),
     eta: $("job-eta"), trainLoss: $("job-train-loss"), valLoss: $("job-val-loss"), tps: $("job-tps"),
     sample: $("job-sample"), error: $("job-error"), msg: $("job-msg"),
+    plan: $("job-plan"), planRows: $("job-plan-rows"),
     serve: $("job-serve-now"), cancel: $("job-cancel"), resume: $("job-resume"),
   };
   const chart = new LossChart($("loss-chart"));
@@ -158,7 +159,11 @@ export function initTrain({ isVisible, onModelChange }) {
   function jobBody(data) {
     const steps = intField($("job-steps"));
     const n = Number.isInteger(steps) ? steps : null;
-    const body = { data, preset: $("job-preset").value, max_steps: steps };
+    // The budget is wall time for the whole job; without a step count the learning rate follows it, and
+    // with the `auto` model the trainer plans the model for it (its plan arrives as a `plan` record).
+    const body = { data, max_time: Number($("job-budget").value), max_steps: steps };
+    const preset = $("job-preset").value;
+    if (preset !== "auto") body.preset = preset;
     // Defaults scaled to the run's length, so a short run from the page still gets a curve: the trainer's
     // own defaults (evaluate every 200 steps, log every 10, warm up for 100) suit long runs.
     body.eval_every = intField($("job-eval-every")) ?? (n ? Math.min(200, Math.max(1, Math.round(n / 10))) : undefined);
@@ -316,12 +321,31 @@ export function initTrain({ isVisible, onModelChange }) {
       case "checkpoint":
         d.serve.disabled = false; // something to load now, even mid-run
         break;
+      case "plan":
+        showPlan(rec.rows || []);
+        break;
       case "error":
         message(d.error, rec.message, "error");
         break;
       default:
         break; // `end` and `sft_eval`: the final `status` event carries what the page shows
     }
+  }
+
+  // The planner's table: each setting, its value and why (training/planner.py).
+  function showPlan(rows) {
+    d.planRows.replaceChildren(
+      ...rows.map((row) => {
+        const tr = document.createElement("tr");
+        for (const value of [row.name, String(row.value), row.why]) {
+          const td = document.createElement("td");
+          td.textContent = value;
+          tr.append(td);
+        }
+        return tr;
+      }),
+    );
+    d.plan.hidden = rows.length === 0;
   }
 
   function stopFollowing() {
@@ -336,6 +360,7 @@ export function initTrain({ isVisible, onModelChange }) {
     chart.clear();
     chart.setTotalSteps(selected.total_steps);
     d.sample.hidden = true;
+    d.plan.hidden = true;
     const controller = (follow = new AbortController());
     const { signal } = controller;
     let lastId = "";
