@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -195,3 +196,12 @@ def cuda_sync(device: str) -> None:
 
 def thread_name() -> str:
     return threading.current_thread().name
+
+
+def write_result(path: str | Path, record: dict[str, Any]) -> None:
+    """Write a bench's result file (JSON, parents created) and echo it, so a run's figures are on screen too."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    out.write_text(text)
+    print(text, end="")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import bench_tokenizer, machine_info
+from bench.common import bench_tokenizer, machine_info, write_result
 from pocketgpt.app.engine.engine import Engine
 from pocketgpt.app.engine.types import DoneEvent, GenRequest, TokenEvent
 from pocketgpt.model.checkpoint import load_checkpoint
@@ -155,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "kv_cache_bytes_per_token": {"gqa_3_kv_heads": gqa, "without_gqa_9_kv_heads": mha, "ratio": gqa / mha},
         "load_average_before": list(load_before), "machine": machine_info(args.threads, "cpu"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_result(args.out, record)
     return 0
 
 

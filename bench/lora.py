@@ -20,9 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from bench.common import write_result
 
 SHAPE = dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_width=1536, block_size=2048,
              rope_theta=100000.0, tie_embeddings=True)
@@ -122,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
         "torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_result(args.out, record)
     return 0
 
 
