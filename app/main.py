@@ -32,6 +32,7 @@ from pocketgpt.app.middleware import AccessMiddleware, BodyLimitMiddleware, Enve
 from pocketgpt.app.openapi import install_openapi
 from pocketgpt.app.routes import admin, chat, generate, health, openai, playground
 from pocketgpt.app.settings import Settings
+from pocketgpt.app.shutdown import Drain
 from pocketgpt.model.checkpoint import CheckpointError
 
 # (checkpoint dir, settings, metrics) -> a started Engine. Tests pass partial(load_engine, runner=slowed(...)).
@@ -69,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     jobs = None
     try:
+        ctx.drain.start()  # from here on SIGTERM ends every request in flight cleanly (app/shutdown.py)
         if admin:
             jobs = app.state.job_manager = create_job_manager(ctx.settings, ctx.holder,
                                                               on_serve=app.state.swap_all_replicas)
@@ -76,6 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await jobs.start()
         yield
     finally:
+        await ctx.drain.close()  # anything still running ends with server_shutting_down, not engine_stopped
         if jobs is not None:
             await jobs.shutdown()  # running training jobs save `last/` and become `interrupted`
             jobs.store.close()
@@ -115,9 +118,11 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
 
     app = FastAPI(title="pocketgpt", version="0.1.0", lifespan=lifespan,
                   summary="A small GPT behind a continuous-batching engine.")
-    app.state.ctx = AppContext(settings=settings, holder=holder, metrics=metrics)
+    app.state.ctx = AppContext(settings=settings, holder=holder, metrics=metrics,
+                               drain=Drain(settings.shutdown_grace_s))
     # The same objects by name, for routes that read them directly (the admin router does).
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
+    app.state.drain = app.state.ctx.drain
     app.state.job_manager = None  # set by the lifespan when the admin API is enabled
     app.state.replica_mode = replica
     # Set when model swaps go to every Ray Serve replica rather than to `holder` (README "Scaling out").
