@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -115,6 +116,57 @@ def test_signal_saves_last_and_exits_with_128_plus_signal(corpus: Path, tmp_path
     assert ckpt.meta["step"] == end["step"] >= 10
     assert load_train_state(run / "last")["step"] == end["step"]
     assert "Traceback" not in proc.stderr.read()
+
+
+def random_words_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """Lines of random words: a corpus whose BPE training and tokenizing take seconds, not milliseconds."""
+    r = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(r.choices(letters, k=r.randint(2, 9))) for _ in range(20_000)]
+    lines = [" ".join(r.choices(words, k=200)) for _ in range(int(megabytes * 1e6 / 1200))]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("phase", ["tokenizer training", "tokenizing"])
+def test_sigterm_while_preparing_data_stops_at_once_and_keeps_nothing(tmp_path: Path, phase: str) -> None:
+    """Issue 13: SIGTERM while the data is prepared used to wait for the whole preparation (minutes on a big
+    corpus) and then save an untrained `last/`. Now: exit 143 within seconds, a clear message, and no prepared
+    data that a later run would take as complete."""
+    corpus = random_words_corpus(tmp_path / "corpus.txt", 3)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(corpus), *TINY[:4], "--device", "cpu", "--max-steps", "5", "--out", str(run)]
+    if phase == "tokenizing":  # a given tokenizer (the checkpoint's): straight to tokenizing, no BPE training
+        from tests.conftest import make_tiny_checkpoint
+
+        args += ["--init-from", str(make_tiny_checkpoint(tmp_path / "base", block_size=32))]
+        marker = "tokenizing 1 file(s)"
+    else:
+        args += ["--tokenizer-vocab", "2000"]
+        marker = "training a 2000-token BPE tokenizer"
+    proc = subprocess.Popen([sys.executable, "-m", "pocketgpt.training", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        while marker not in (line := proc.stderr.readline()):
+            assert line, f"exited with {proc.wait()} before {marker!r}: {''.join(seen)}"
+            seen.append(line)
+        time.sleep(0.5)  # well into it
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert code == 143, err
+    assert elapsed < 5, f"took {elapsed:.1f}s to stop"
+    assert "stopped by SIGTERM while preparing the run: nothing was trained or saved" in err
+    assert "Traceback" not in err
+    prepared = run / "data"
+    # meta.json marks prepared data complete: never written, and no half-written token file left behind.
+    assert not (prepared / "meta.json").exists() and not (prepared / "tokens.tmp").exists()
+    assert not (run / "last").exists()
 
 
 # Runs training with checkpoint writes that hang (after the weights file) from the third save on.

@@ -26,6 +26,7 @@ from pocketgpt.model.sampling import SamplingParams
 from pocketgpt.training import lora
 from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.distributed import DistContext, any_true, grad_sync, mean_over_ranks
+from pocketgpt.training.interrupt import Interrupted
 from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
 from pocketgpt.training.progress import Progress
 from pocketgpt.training.run import Run, build_run
@@ -67,10 +68,15 @@ class Trainer:
         self.progress = progress or Progress(enabled=main)
         self.stop_signal: int | None = None
         self._stop = False
+        self._preparing = False
 
     def request_stop(self, signum: int | None = None) -> None:
-        """Stop after the current step (safe to call from a signal handler)."""
+        """Stop after the current step (safe to call from a signal handler). A signal that arrives while the run
+        is still being prepared (data, tokenizer, model: nothing to save yet) stops it at once: this raises
+        Interrupted, in the signal handler, so it surfaces in whatever the main thread was doing."""
         self.stop_signal, self._stop = signum, True
+        if self._preparing and signum is not None:
+            raise Interrupted(signum)
 
     @property
     def tokens_per_step(self) -> int:
@@ -79,7 +85,11 @@ class Trainer:
     def run(self) -> RunResult:
         """Train until a stop condition; returns how it ended."""
         self.t_start = time.monotonic()
-        self.run_state: Run = build_run(self.cfg, self.ctx, self.progress.info)
+        self._preparing = True
+        try:
+            self.run_state: Run = build_run(self.cfg, self.ctx, self.progress.info)
+        finally:
+            self._preparing = False
         try:
             return self._loop()
         finally:

@@ -1,0 +1,68 @@
+"""Stopping at once on SIGTERM / SIGINT while a run is being prepared (there is nothing to save yet).
+
+A Python signal handler runs in the main thread, between bytecodes: it cannot run while the main thread is
+inside a long native call. BPE training in HF `tokenizers` is such a call (seconds to minutes on a large
+corpus), and so is encoding a batch. `off_main_thread` runs those calls in a worker thread (they release the
+GIL) while the main thread waits, so the handler runs at once and its `Interrupted` propagates. The abandoned
+worker keeps computing; with torch loaded, interpreter shutdown waits for it (measured: the rest of the BPE
+training), so `exit_now_if_abandoned` ends the process without that shutdown once everything is flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_abandoned: list[threading.Event] = []  # "finished" flags of workers whose wait a signal cut short
+
+
+class Interrupted(Exception):
+    """A stop signal arrived before there was anything to save; the exit code is 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} while preparing the run: nothing was trained "
+                         "or saved (a data preparation cut short is redone from the start next time)")
+        self.signum = signum
+
+
+def off_main_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, run in a worker thread while the main thread waits, so signal handlers are not held up."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    outcome: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["result"] = fn(*args)
+        except BaseException as e:  # handed to the waiting thread below
+            outcome["error"] = e
+        finally:
+            finished.set()
+
+    threading.Thread(target=target, name="pocketgpt-prepare", daemon=True).start()
+    try:
+        # Interruptible: a signal handler that raises ends the wait with its exception. (Not Thread.join: an
+        # interrupted join marks the thread stopped while it still runs, CPython 3.11.)
+        finished.wait()
+    except BaseException:
+        _abandoned.append(finished)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def exit_now_if_abandoned(code: int) -> None:
+    """Exit with `code` now, skipping interpreter shutdown, if a worker of `off_main_thread` still runs (the
+    command has already closed its files; this only flushes stdio)."""
+    if not all(finished.is_set() for finished in _abandoned):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
