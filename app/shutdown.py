@@ -96,7 +96,8 @@ class Drain:
         self.draining = True
         self.event.set()
         running = sum(1 for g in list(self._generations) if not g.finished)
-        log.warning("shutting down: %d generation(s) in flight get %gs to finish", running, self.grace)
+        if running:
+            log.warning("shutting down: %d generation(s) in flight get %gs to finish", running, self.grace)
         self._spawn(self._end_after_grace())
 
     def abort_all(self) -> None:

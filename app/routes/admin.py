@@ -259,6 +259,7 @@ async def swap_model(body: ModelSwapRequest, request: Request, manager: JobManag
     if swap.done() and swap.exception() is not None:  # a load failure: the old engine is still in place
         raise APIError(422, f"Could not load checkpoint {body.checkpoint!r}: {swap.exception()}",
                        param="checkpoint", code="checkpoint_load_failed")
+    manager.record_served(path)  # served again after a restart
     return {"object": "model", "checkpoint": manager.checkpoint_name(path), "path": str(path),
             "draining": not swap.done()}
 
@@ -271,6 +272,7 @@ async def _swap_all_replicas(swap_all, path: Path, name: str, manager: JobManage
                        code="checkpoint_load_failed") from None
     except (RuntimeError, TimeoutError) as e:
         raise APIError(502, f"Not every replica serves {name!r}: {e}", code="replicas_not_swapped") from None
+    manager.record_served(path)  # served again after a restart
     return {"object": "model", "checkpoint": manager.checkpoint_name(path), "path": str(path), "draining": False,
             "replicas": "all"}
 
