@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pocketgpt.training.config import TrainConfig, load_config_file, validate_config
-from pocketgpt.training.errors import UserError
+from pocketgpt.training.errors import DistributedError, UserError
 from pocketgpt.training.interrupt import Interrupted
 
 COMMANDS = ("train", "prepare", "eval", "import-hf", "export")
@@ -178,7 +178,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from pocketgpt.training.metrics import METRICS_FILENAME, MetricsWriter
     from pocketgpt.training.trainer import Trainer
 
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.dist_timeout)
     metrics = MetricsWriter(Path(cfg.out) / METRICS_FILENAME if ctx.is_main else None)
     trainer = Trainer(cfg, ctx, metrics)
     try:
@@ -199,6 +199,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return 1
     finally:
         metrics.close()
+        trainer.release()  # the DDP model goes before its process group (training.distributed.shutdown)
         shutdown(ctx)
     if result.status == "cancelled" and trainer.stop_signal is not None:
         return 128 + trainer.stop_signal  # tells a supervisor "cancelled, saved" apart from "finished"
@@ -253,3 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -15,11 +15,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_abandoned: list[threading.Event] = []  # "finished" flags of workers whose wait a signal cut short
+_running: set[Future[Any]] = set()  # calls started by `in_background` and not finished yet
 
 
 class Interrupted(Exception):
@@ -31,38 +32,38 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """Start `fn(*args)` in a daemon thread; its Future can be waited on with a timeout, or interruptibly."""
+    future: Future[T] = Future()
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever waits on the future
+            future.set_exception(e)
+
+    _running.add(future)
+    future.add_done_callback(_running.discard)
+    # Not a ThreadPoolExecutor: interpreter exit joins its threads, which is the wait we must not have.
+    threading.Thread(target=target, name="pocketgpt-prepare", daemon=True).start()
+    return future
+
+
 def off_main_thread(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)`, run in a worker thread while the main thread waits, so signal handlers are not held up."""
     if threading.current_thread() is not threading.main_thread():
         return fn(*args)
-    outcome: dict[str, Any] = {}
-    finished = threading.Event()
-
-    def target() -> None:
-        try:
-            outcome["result"] = fn(*args)
-        except BaseException as e:  # handed to the waiting thread below
-            outcome["error"] = e
-        finally:
-            finished.set()
-
-    threading.Thread(target=target, name="pocketgpt-prepare", daemon=True).start()
-    try:
-        # Interruptible: a signal handler that raises ends the wait with its exception. (Not Thread.join: an
-        # interrupted join marks the thread stopped while it still runs, CPython 3.11.)
-        finished.wait()
-    except BaseException:
-        _abandoned.append(finished)
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    # Future.result waits on a lock, which a signal interrupts: a handler that raises ends the wait with its
+    # exception. (Not Thread.join: an interrupted join marks the thread stopped while it still runs, CPython 3.11.)
+    return in_background(fn, *args).result()
 
 
 def exit_now_if_abandoned(code: int) -> None:
-    """Exit with `code` now, skipping interpreter shutdown, if a worker of `off_main_thread` still runs (the
+    """Exit with `code` now, skipping interpreter shutdown, if a worker of `in_background` still runs (the
     command has already closed its files; this only flushes stdio)."""
-    if not all(finished.is_set() for finished in _abandoned):
+    if _running:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

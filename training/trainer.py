@@ -78,6 +78,11 @@ class Trainer:
         if self._preparing and signum is not None:
             raise Interrupted(signum)
 
+    def release(self) -> None:
+        """Drop the model, optimizer and data (the process group must outlive a DDP model: see
+        training.distributed.shutdown)."""
+        self.__dict__.pop("run_state", None)
+
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.run_state.tokens_per_row
