@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-from httpx_sse import aconnect_sse, connect_sse
 
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.jobs.events import job_events
@@ -30,6 +29,7 @@ from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
 from tests.conftest import make_tiny_checkpoint
 from tests.serverproc import Proc, base_env, free_port, wait_ready
+from tests.sse import aiter_events, iter_events
 
 GRACE = 1.0
 
@@ -67,9 +67,9 @@ class StreamReader(threading.Thread):
 
     def run(self) -> None:
         try:
-            with httpx.Client(timeout=30) as client, connect_sse(client, "POST", self.url, json=self.body) as src:
-                src.response.raise_for_status()
-                for sse in src.iter_sse():  # raises RemoteProtocolError if the chunked body is cut off
+            with httpx.Client(timeout=30) as client, client.stream("POST", self.url, json=self.body) as response:
+                response.raise_for_status()
+                for sse in iter_events(response):  # raises RemoteProtocolError if the chunked body is cut off
                     self.events.append((sse.event, sse.data))
                     self.started_streaming.set()
         except BaseException as exc:  # reported by the test
@@ -119,8 +119,8 @@ def test_drain_refuses_new_work_and_ends_running_requests(checkpoint: Path) -> N
     app = create_app(settings, engine_factory=functools.partial(load_engine, step_delay=0.02))
 
     async def read_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> list[tuple[str, str]]:
-        async with aconnect_sse(client, "POST", "/v1/generate", json={**body, "stream": True}) as source:
-            return [(sse.event, sse.data) async for sse in source.aiter_sse()]
+        async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+            return [(sse.event, sse.data) async for sse in aiter_events(response)]
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=app)
