@@ -64,6 +64,7 @@ class Drain:
     def start(self) -> None:
         """Watch for the shutdown: the stream event, and the process's SIGTERM / SIGINT where a server set a
         Python handler for them (uvicorn does, from the main thread) that we can chain in front of."""
+        self.draining, self.event = False, anyio.Event()  # an app served again after a shutdown starts afresh
         self._spawn(self._watch_event())
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (a test server in a thread)

@@ -64,6 +64,7 @@ class StreamReader(threading.Thread):
         self.events: list[tuple[str, str]] = []
         self.failure: BaseException | None = None
         self.started_streaming = threading.Event()
+        self.ended_at = float("inf")
 
     def run(self) -> None:
         try:
@@ -75,6 +76,7 @@ class StreamReader(threading.Thread):
         except BaseException as exc:  # reported by the test
             self.failure = exc
         finally:
+            self.ended_at = time.monotonic()
             self.started_streaming.set()
 
 
@@ -92,8 +94,8 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_zero(server: tuple[str, Pro
     proc.popen.send_signal(signal.SIGTERM)
     for reader in (generate, completions):
         reader.join(GRACE + 10)
-    code = proc.popen.wait(GRACE + 15)
-    elapsed = time.monotonic() - t0
+    code = proc.popen.wait(60)
+    exited = time.monotonic() - t0
     log = proc.log()
 
     assert generate.failure is None, f"/v1/generate stream cut: {generate.failure!r}\n{log[-3000:]}"
@@ -107,9 +109,13 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_zero(server: tuple[str, Pro
     assert data[-1] == "[DONE]", data[-3:]
     assert json.loads(data[-2])["error"]["code"] == "server_shutting_down", data[-3:]
     assert "choices" in json.loads(data[0])
-    # The process stopped on its own, with status 0, soon after the grace.
+    # Both streams ended at the end of the grace (the server's sse-starlette would have cut them at 0.5 s, and
+    # uvicorn at grace + 2 s); the process then stopped on its own with status 0 (interpreter teardown with
+    # torch loaded takes a few seconds more on a loaded machine, hence the loose bound on the exit itself).
+    for reader in (generate, completions):
+        assert reader.ended_at - t0 < GRACE + 2, f"a stream ended {reader.ended_at - t0:.1f}s after SIGTERM"
     assert code == 0, f"exit {code}\n{log[-3000:]}"
-    assert elapsed < GRACE + 5, f"took {elapsed:.1f}s to exit\n{log[-3000:]}"
+    assert exited < 45, f"took {exited:.1f}s to exit\n{log[-3000:]}"
     assert "Traceback" not in log, log[-3000:]
 
 
@@ -177,3 +183,17 @@ def test_job_event_stream_ends_with_an_error_event_at_shutdown(tmp_path: Path) -
     store.close()
     assert [e["event"] for e in events] == ["error"]
     assert json.loads(events[0]["data"])["error"]["code"] == "server_shutting_down"
+
+
+def test_an_app_served_again_after_a_shutdown_is_not_still_draining(checkpoint: Path) -> None:
+    app = create_app(Settings(checkpoint=checkpoint, device="cpu", shutdown_grace_s=0))
+
+    async def serve_once() -> tuple[int, int]:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as client:
+            ready = await client.get("/readyz")
+            generated = await client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 2})
+            return ready.status_code, generated.status_code
+
+    assert asyncio.run(serve_once()) == (200, 200)
+    assert asyncio.run(serve_once()) == (200, 200)  # the first run's shutdown left nothing behind
