@@ -127,7 +127,7 @@ def random_words_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
     return path
 
 
-@pytest.mark.parametrize("phase", ["tokenizer training", "tokenizing"])
+@pytest.mark.parametrize("phase", ["tokenizer training", "tokenizing", "prepare command"])
 def test_sigterm_while_preparing_data_stops_at_once_and_keeps_nothing(tmp_path: Path, phase: str) -> None:
     """Issue 13: SIGTERM while the data is prepared used to wait for the whole preparation (minutes on a big
     corpus) and then save an untrained `last/`. Now: exit 143 within seconds, a clear message, and no prepared
@@ -135,7 +135,10 @@ def test_sigterm_while_preparing_data_stops_at_once_and_keeps_nothing(tmp_path: 
     corpus = random_words_corpus(tmp_path / "corpus.txt", 3)
     run = tmp_path / "run"
     args = ["train", "--data", str(corpus), *TINY[:4], "--device", "cpu", "--max-steps", "5", "--out", str(run)]
-    if phase == "tokenizing":  # a given tokenizer (the checkpoint's): straight to tokenizing, no BPE training
+    if phase == "prepare command":  # `pocketgpt prepare`: the same preparation, no trainer around it
+        args = ["prepare", "--data", str(corpus), "--tokenizer-vocab", "2000", "--out", str(run)]
+        marker = "training a 2000-token BPE tokenizer"
+    elif phase == "tokenizing":  # a given tokenizer (the checkpoint's): straight to tokenizing, no BPE training
         from tests.conftest import make_tiny_checkpoint
 
         args += ["--init-from", str(make_tiny_checkpoint(tmp_path / "base", block_size=32))]
