@@ -12,9 +12,10 @@ from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.main import create_app
 from pocketgpt.app.serve_cli import run_server
 from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import slowed
 
 if __name__ == "__main__":
     settings = Settings()
     delay = float(os.environ.get("POCKETGPT_TEST_STEP_DELAY", "0.02"))
-    app = create_app(settings, engine_factory=functools.partial(load_engine, step_delay=delay))
+    app = create_app(settings, engine_factory=functools.partial(load_engine, runner=slowed(delay)))
     sys.exit(run_server(app, settings))

@@ -27,6 +27,7 @@ from pocketgpt.app.jobs.manager import JobManager
 from pocketgpt.app.jobs.store import RUNNING, Job, JobStore
 from pocketgpt.app.main import create_app
 from pocketgpt.app.settings import Settings
+from pocketgpt.app.testing import slowed
 from tests.conftest import make_tiny_checkpoint
 from tests.serverproc import Proc, base_env, free_port, wait_ready
 from tests.sse import aiter_events, iter_events
@@ -122,7 +123,7 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_zero(server: tuple[str, Pro
 def test_drain_refuses_new_work_and_ends_running_requests(checkpoint: Path) -> None:
     """In-process: the drain's effects without a signal (begin() is what the SIGTERM hook calls)."""
     settings = Settings(checkpoint=checkpoint, device="cpu", shutdown_grace_s=0.3, sse_ping=0)
-    app = create_app(settings, engine_factory=functools.partial(load_engine, step_delay=0.02))
+    app = create_app(settings, engine_factory=functools.partial(load_engine, runner=slowed(0.02)))
 
     async def read_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> list[tuple[str, str]]:
         async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
