@@ -142,6 +142,7 @@ class Generation:
         self._first: float | None = None
         self._last: float | None = None
         self._done = False
+        self._aborted = False
 
     @classmethod
     def start(cls, holder: EngineHolder, spec: GenerationSpec, *, timeout: float | None = None,
@@ -223,6 +224,20 @@ class Generation:
         if not self._done:
             self._done = True
             self.ticket.cancel()
+
+    @property
+    def finished(self) -> bool:
+        """Done, failed, cancelled or aborted: nothing more will be read from the engine."""
+        return self._done or self._aborted
+
+    def abort(self, error: APIError) -> None:
+        """End the request now with `error` (server shutdown): the reader gets the tokens already queued, then
+        `error`, exactly as if the engine had failed it; the engine drops it before its next step."""
+        if self.finished:
+            return
+        self._aborted = True
+        self.ticket.queue.put_nowait(ErrorEvent(error.status, error.message, error.code or "aborted"))
+        self.ticket.cancel()
 
     def _on_token(self, event: TokenEvent) -> None:
         self._parts.append(event.text)

@@ -25,6 +25,8 @@ from pocketgpt.app.engine.engine import Engine
 from pocketgpt.app.engine.holder import EngineHolder
 from pocketgpt.app.engine.loader import load_engine
 from pocketgpt.app.errors import install_error_handlers
+from pocketgpt.app.jobs import served
+from pocketgpt.app.jobs.manager import JobManager
 from pocketgpt.app.jobs.service import admin_enabled, create_job_manager, named_for
 from pocketgpt.app.log import configure_logging
 from pocketgpt.app.metrics import Metrics
@@ -32,6 +34,7 @@ from pocketgpt.app.middleware import AccessMiddleware, BodyLimitMiddleware, Enve
 from pocketgpt.app.openapi import install_openapi
 from pocketgpt.app.routes import admin, chat, generate, health, openai, playground
 from pocketgpt.app.settings import Settings
+from pocketgpt.app.shutdown import Drain
 from pocketgpt.model.checkpoint import CheckpointError
 
 # (checkpoint dir, settings, metrics) -> a started Engine. Tests pass partial(load_engine, runner=slowed(...)).
@@ -44,38 +47,64 @@ class StartupError(Exception):
     """Start-up cannot continue; the message is the one line the operator sees."""
 
 
+async def _load_swapped(ctx: AppContext, jobs: JobManager) -> bool:
+    """Serve the checkpoint hot-swapped in before a restart, if there is one and it loads (app/jobs/served.py)."""
+    settings = ctx.settings
+    path = served.recall(jobs.store, settings.checkpoint_dir, settings.checkpoint)
+    if path is None:
+        return False
+    try:
+        await ctx.holder.load(path)
+    except CheckpointError as exc:
+        log.warning("not serving the hot-swapped checkpoint %s again: %s; serving the configured one", path, exc)
+        return False
+    log.info("serving %s again: it was hot-swapped in before the restart", path)
+    return True
+
+
+async def _load_model(ctx: AppContext, jobs: JobManager | None, replica: bool) -> None:
+    """Load the checkpoint to serve at start-up; raises StartupError. A Ray Serve replica's model arrives through
+    its deployment's config right after start-up, so it loads only a configured checkpoint."""
+    if jobs is not None and not replica and await _load_swapped(ctx, jobs):
+        return
+    path = ctx.settings.checkpoint
+    if path is None and jobs is None and not replica:
+        raise StartupError("no checkpoint configured: set POCKETGPT_CHECKPOINT or pass --checkpoint DIR")
+    if path is None:
+        # With the admin API a server may start empty: train a model, then hot-load it (POST /admin/model).
+        if not replica:
+            log.warning("no checkpoint configured: serving no model until one is loaded through /admin/model")
+        return
+    try:
+        await ctx.holder.load(path)
+    except CheckpointError as exc:
+        raise StartupError(f"cannot load checkpoint {path}: {exc}") from None
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: AppContext = app.state.ctx
     configure_logging(ctx.settings.log_level)
-    path = ctx.settings.checkpoint
-    admin = admin_enabled(ctx.settings)
     replica = app.state.replica_mode
+    # The job store also remembers a hot-swapped checkpoint, so it opens before the model loads.
+    jobs = None
+    if admin_enabled(ctx.settings):
+        jobs = app.state.job_manager = create_job_manager(ctx.settings, ctx.holder,
+                                                          on_serve=app.state.swap_all_replicas)
     try:
-        if path is None and not admin and not replica:
-            raise StartupError("no checkpoint configured: set POCKETGPT_CHECKPOINT or pass --checkpoint DIR")
-        if path is None:
-            # With the admin API a server may start empty: train a model, then hot-load it (POST /admin/model).
-            # A replica's model arrives through its deployment's config right after start-up.
-            if not replica:
-                log.warning("no checkpoint configured: serving no model until one is loaded through /admin/model")
-        else:
-            try:
-                await ctx.holder.load(path)
-            except CheckpointError as exc:
-                raise StartupError(f"cannot load checkpoint {path}: {exc}") from None
+        await _load_model(ctx, jobs, replica)
     except StartupError as exc:
         app.state.startup_error = str(exc)  # StartupMessageMiddleware shows this instead of a traceback
+        if jobs is not None:
+            jobs.store.close()
         raise
-    jobs = None
     try:
-        if admin:
-            jobs = app.state.job_manager = create_job_manager(ctx.settings, ctx.holder,
-                                                              on_serve=app.state.swap_all_replicas)
-            if not replica:  # one manager owns the job queue; replicas only read the store (app/ray_serve.py)
-                await jobs.start()
+        ctx.drain.start()  # from here on SIGTERM ends every request in flight cleanly (app/shutdown.py)
+        if jobs is not None and not replica:  # one manager owns the job queue; replicas only read the store
+            await jobs.start()
         yield
     finally:
+        await ctx.drain.close()  # anything still running ends with server_shutting_down, not engine_stopped
         if jobs is not None:
             await jobs.shutdown()  # running training jobs save `last/` and become `interrupted`
             jobs.store.close()
@@ -115,9 +144,11 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
 
     app = FastAPI(title="pocketgpt", version="0.1.0", lifespan=lifespan,
                   summary="A small GPT behind a continuous-batching engine.")
-    app.state.ctx = AppContext(settings=settings, holder=holder, metrics=metrics)
+    app.state.ctx = AppContext(settings=settings, holder=holder, metrics=metrics,
+                               drain=Drain(settings.shutdown_grace_s))
     # The same objects by name, for routes that read them directly (the admin router does).
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
+    app.state.drain = app.state.ctx.drain
     app.state.job_manager = None  # set by the lifespan when the admin API is enabled
     app.state.replica_mode = replica
     # Set when model swaps go to every Ray Serve replica rather than to `holder` (README "Scaling out").

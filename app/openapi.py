@@ -293,9 +293,10 @@ STREAM_EVENTS: dict[str, dict[str, Any]] = {
                                _event("error", _json_data("ErrorResponse"))]},
     "/v1/completions": _openai_events("CompletionChunk"),
     "/v1/chat/completions": _openai_events("ChatCompletionChunk"),
-    # The job's metrics records (event = record type), then `status` with the job.
+    # The job's metrics records (event = record type), then `status` with the job; or `error` at server shutdown.
     "/admin/jobs/{job_id}/events": {"anyOf": [
         _event("status", _json_data("Job")),
+        _event("error", _json_data("ErrorResponse")),
         {"type": "object", "required": ["event", "data"],
          "properties": {"event": {"type": "string"}, "id": {"type": "string"},
                         "data": {"type": "string", "contentMediaType": "application/json",

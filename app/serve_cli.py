@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import math
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
@@ -51,14 +54,38 @@ def serve(argv: list[str]) -> int:
     if ray_args["address"] is not None or ray_args["replicas"] is not None or ray_args["autoscale"] is not None:
         return _serve_ray(parser, settings, **ray_args)
 
+    from pocketgpt.app.main import create_app
+
+    return run_server(create_app(settings), settings)
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def run_server(app: Any, settings: Settings) -> int:
+    """Serve `app` with uvicorn until SIGTERM / SIGINT; return 0 after a graceful stop.
+
+    uvicorn waits for open connections `shutdown_grace_s + 2` seconds, after the app's drain has ended every
+    request still running (app/shutdown.py). Once done, uvicorn re-raises the signal it caught against the
+    handler found before it started; that handler is `_stopped`, so a requested, completed shutdown exits 0
+    rather than dying of the signal (143), and a signal before uvicorn is up still stops the process.
+    """
     import uvicorn
 
-    from pocketgpt.app.main import create_app
     from pocketgpt.app.server import uvicorn_options
+    from pocketgpt.app.shutdown import SIGNALS, UVICORN_MARGIN_S
 
-    # Our access log replaces uvicorn's (it has the request id, tokens and timings).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5, **uvicorn_options(settings))
+    previous = {sig: signal.signal(sig, _stopped) for sig in SIGNALS}
+    try:
+        # Our access log replaces uvicorn's (it has the request id, tokens and timings).
+        uvicorn.run(app, host=settings.host, port=settings.port, access_log=False,
+                    log_level=settings.log_level.lower(),
+                    timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + UVICORN_MARGIN_S),
+                    **uvicorn_options(settings))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

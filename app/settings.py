@@ -56,6 +56,9 @@ class Settings(BaseSettings):
                                     "requests: the longest draft verified per step (0: off)")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
     sse_ping: float = Field(15.0, ge=0, description="seconds between SSE keep-alive comments (0: off)")
+    shutdown_grace_s: float = Field(3.0, ge=0, description="seconds requests in flight get to finish after "
+                                    "SIGTERM/SIGINT; then each still running ends with 503 server_shutting_down "
+                                    "(a stream: an error event)")
 
     # -- auth ----------------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

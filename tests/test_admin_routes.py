@@ -16,6 +16,7 @@ from pocketgpt.app.errors import install_error_handlers
 from pocketgpt.app.jobs.manager import JobManager
 from pocketgpt.app.jobs.store import JobStore
 from pocketgpt.app.routes.admin import router
+from pocketgpt.app.shutdown import Drain
 from tests.sse import read_events
 
 FAKE = str(Path(__file__).with_name("fake_trainer.py"))
@@ -50,6 +51,7 @@ def build_app(tmp_path: Path, token: str | None = TOKEN, limit: int = 10_000) ->
     app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)
     app.state.settings, app.state.job_manager, app.state.holder = settings, manager, holder
+    app.state.drain = Drain(grace=0)
     app.include_router(router)
     return app
 

@@ -43,12 +43,13 @@ def done(job) -> bool:
 
 def test_job_runs_to_success_and_tracks_progress(tmp_path: Path) -> None:
     served: list[Path] = []
+    recorded: list[Path] = []  # what the app persists so a restart serves it again
 
     async def on_serve(path: Path) -> None:
         served.append(path)
 
     async def main():
-        m = make_manager(tmp_path, on_serve=on_serve)
+        m = make_manager(tmp_path, on_serve=on_serve, on_served=recorded.append)
         await m.start()
         job = m.submit({"data": "stdlib"}, ["--data", "stdlib", "--max-steps", "8", "--eval-every", "4"],
                        name="first", serve_when_done=True)
@@ -66,6 +67,7 @@ def test_job_runs_to_success_and_tracks_progress(tmp_path: Path) -> None:
     assert job.eta_s == 0 and job.tokens_seen == 8 * 64
     assert (job.best_checkpoint, job.last_checkpoint) == (f"{job.id}/best", f"{job.id}/last")
     assert job.served_checkpoint == f"{job.id}/best" and served == [tmp_path / "ckpt" / job.id / "best"]
+    assert recorded == served
     log = (tmp_path / "ckpt" / job.id / "train.log").read_text()
     assert "fake trainer: steps 0..8" in log and "pocketgpt: starting" in log
 

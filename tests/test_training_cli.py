@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +117,60 @@ def test_signal_saves_last_and_exits_with_128_plus_signal(corpus: Path, tmp_path
     assert "Traceback" not in proc.stderr.read()
 
 
+def random_words_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """Lines of random words: a corpus whose BPE training and tokenizing take seconds, not milliseconds."""
+    r = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(r.choices(letters, k=r.randint(2, 9))) for _ in range(20_000)]
+    lines = [" ".join(r.choices(words, k=200)) for _ in range(int(megabytes * 1e6 / 1200))]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("phase", ["tokenizer training", "tokenizing", "prepare command"])
+def test_sigterm_while_preparing_data_stops_at_once_and_keeps_nothing(tmp_path: Path, phase: str) -> None:
+    """Issue 13: SIGTERM while the data is prepared used to wait for the whole preparation (minutes on a big
+    corpus) and then save an untrained `last/`. Now: exit 143 within seconds, a clear message, and no prepared
+    data that a later run would take as complete."""
+    corpus = random_words_corpus(tmp_path / "corpus.txt", 3)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(corpus), *TINY[:4], "--device", "cpu", "--max-steps", "5", "--out", str(run)]
+    if phase == "prepare command":  # `pocketgpt prepare`: the same preparation, no trainer around it
+        args = ["prepare", "--data", str(corpus), "--tokenizer-vocab", "2000", "--out", str(run)]
+        marker = "training a 2000-token BPE tokenizer"
+    elif phase == "tokenizing":  # a given tokenizer (the checkpoint's): straight to tokenizing, no BPE training
+        from tests.conftest import make_tiny_checkpoint
+
+        args += ["--init-from", str(make_tiny_checkpoint(tmp_path / "base", block_size=32))]
+        marker = "tokenizing 1 file(s)"
+    else:
+        args += ["--tokenizer-vocab", "2000"]
+        marker = "training a 2000-token BPE tokenizer"
+    proc = subprocess.Popen([sys.executable, "-m", "pocketgpt.training", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        while marker not in (line := proc.stderr.readline()):
+            assert line, f"exited with {proc.wait()} before {marker!r}: {''.join(seen)}"
+            seen.append(line)
+        time.sleep(0.5)  # well into it
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert code == 143, err
+    assert elapsed < 5, f"took {elapsed:.1f}s to stop"
+    assert "stopped by SIGTERM while preparing the run: nothing was trained or saved" in err
+    assert "Traceback" not in err
+    prepared = run / "data"
+    # meta.json marks prepared data complete: never written, and no half-written token file left behind.
+    assert not (prepared / "meta.json").exists() and not (prepared / "tokens.tmp").exists()
+    assert not (run / "last").exists()
+
+
 # Runs training with checkpoint writes that hang (after the weights file) from the third save on.
 SLOW_SAVE_DRIVER = """
 import sys, time
@@ -156,8 +210,24 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(corpus: Path, tm
     assert load_checkpoint(run / "last").meta["step"] == 30
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def run_group(argv: list[str], timeout: float, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    """Run a command that starts several processes; on timeout kill them all and fail with their output
+    (torchrun relays its workers' output), instead of leaving a worker behind waiting."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{argv[2:5]} still running after {timeout}s; the workers' output:\n"
+                    f"--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-6000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def test_ddp_two_processes_match_one(corpus: Path, tmp_path: Path) -> None:
     """2 gloo processes, each taking half of every global batch, follow the 1-process run.
 
@@ -165,14 +235,12 @@ def test_ddp_two_processes_match_one(corpus: Path, tmp_path: Path) -> None:
     so losses and weights agree to ~1e-6; the bar is 1e-4.
     """
     args = ["train", "--data", str(corpus), *TINY, "--max-steps", "12", "--log-every", "1", "--eval-every", "6",
-            "--warmup-steps", "2", "--data-dir", str(tmp_path / "prepared")]
+            "--warmup-steps", "2", "--data-dir", str(tmp_path / "prepared"), "--dist-timeout", "60"]
     single = subprocess.run([sys.executable, "-m", "pocketgpt.training", *args, "--out", str(tmp_path / "one")],
                             cwd=ROOT,
                             env=env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = subprocess.run([*torchrun, "-m", "pocketgpt.training", *args, "--out", str(tmp_path / "two")], cwd=ROOT,
-                         env=env(), capture_output=True, text=True, timeout=300)
+    ddp = run_group([*TORCHRUN, "-m", "pocketgpt.training", *args, "--out", str(tmp_path / "two")], timeout=240)
     assert ddp.returncode == 0, ddp.stderr
 
     one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
@@ -185,6 +253,69 @@ def test_ddp_two_processes_match_one(corpus: Path, tmp_path: Path) -> None:
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-4), name
     assert load_train_state(tmp_path / "two" / "last")["world_size"] == 2
+
+
+def rank_env(rank: int, port: int) -> dict[str, str]:
+    """What torchrun would set for one of 2 processes, rendezvous at 127.0.0.1:port hosted by rank 0."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def test_a_process_whose_peer_never_starts_fails_after_the_timeout(corpus: Path, tmp_path: Path) -> None:
+    """Rank 0 of 2 started alone: it gives up joining after --dist-timeout, saying why, instead of waiting."""
+    from tests.serverproc import free_port
+
+    t0 = time.monotonic()
+    alone = run_group([sys.executable, "-m", "pocketgpt.training", "train", "--data", str(corpus), *TINY,
+                       "--max-steps", "2", "--dist-timeout", "3", "--out", str(tmp_path / "run")], timeout=120,
+                      **rank_env(0, free_port()))
+    elapsed = time.monotonic() - t0
+    assert alone.returncode == 1, alone.stderr
+    assert "rank 0 of 2 could not join the process group at 127.0.0.1:" in alone.stderr
+    assert "within 3s" in alone.stderr and "Traceback" not in alone.stderr
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+
+
+# Rank 1 hangs (alive, in no collective) at step 3, as a stuck worker would.
+HANG_DRIVER = """
+import os, sys, time
+from pocketgpt.training.trainer import Trainer
+real = Trainer._train_step
+def train_step(self, step):
+    if step == 3 and os.environ["RANK"] == "1":
+        print("HANGING", flush=True)
+        time.sleep(600)
+    return real(self, step)
+Trainer._train_step = train_step
+from pocketgpt.training.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_whose_peer_hangs_fails_after_the_timeout(corpus: Path, tmp_path: Path) -> None:
+    """The other process stops taking part (alive, stuck): the survivor's collective times out after
+    --dist-timeout and it exits non-zero with the reason, rather than waiting forever."""
+    from tests.serverproc import free_port
+
+    port = free_port()
+    args = ["train", "--data", str(corpus), *TINY, "--max-steps", "50", "--eval-every", "1000",
+            "--data-dir", str(tmp_path / "prepared"), "--dist-timeout", "3", "--out", str(tmp_path / "run")]
+    procs = [subprocess.Popen([sys.executable, "-c", HANG_DRIVER, *args], cwd=ROOT, env=env(**rank_env(rank, port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    survivor, stuck = procs
+    try:
+        assert stuck.stdout.readline().strip() == "HANGING"
+        t0 = time.monotonic()
+        code = survivor.wait(timeout=90)
+        elapsed = time.monotonic() - t0
+        err = survivor.stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert code == 1, err
+    assert "timed out" in err.lower(), err[-3000:]
+    assert elapsed < 45, f"took {elapsed:.0f}s after the peer hung"
 
 
 def test_prepare_command_then_train_reuses_the_data(corpus: Path, tmp_path: Path, capsys) -> None:

@@ -19,7 +19,8 @@ examples (see training.sft_data), and --init-from names the checkpoint to fine-t
 --config FILE reads settings from TOML or JSON; flags given on the command line win over it.
 
 exit codes: 0 finished, 1 unexpected error, 2 bad input (the message names it), 130 / 143 cancelled by
-SIGINT / SIGTERM after saving RUN_DIR/last.
+SIGINT / SIGTERM after saving RUN_DIR/last (or at once while preparing the data: nothing saved, nothing
+half-written kept).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from pocketgpt.training.config import TrainConfig, load_config_file, validate_config
-from pocketgpt.training.errors import UserError
+from pocketgpt.training.errors import DistributedError, UserError
+from pocketgpt.training.interrupt import Interrupted
 
 COMMANDS = ("train", "prepare", "eval", "import-hf", "export")
 PREPARE_FIELDS = ("data", "out", "data_dir", "val_fraction", "tokenizer_vocab", "init_from")
@@ -154,11 +156,12 @@ def _check_fresh_out(cfg: TrainConfig) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals(stop: Callable[[int], None]) -> Iterator[None]:
-    """SIGTERM/SIGINT ask the trainer to stop after the current step; the same signal again acts at once."""
+    """SIGTERM/SIGINT call `stop(signum)`: the trainer stops after the current step (or at once, by raising,
+    while it prepares); the same signal again acts at once."""
 
     def handler(signum: int, frame: Any) -> None:
-        stop(signum)
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        stop(signum)  # may raise (Interrupted): last
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -175,7 +178,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from pocketgpt.training.metrics import METRICS_FILENAME, MetricsWriter
     from pocketgpt.training.trainer import Trainer
 
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.dist_timeout)
     metrics = MetricsWriter(Path(cfg.out) / METRICS_FILENAME if ctx.is_main else None)
     trainer = Trainer(cfg, ctx, metrics)
     try:
@@ -184,6 +187,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     except UserError as e:
         metrics.error(str(e))
         raise
+    except Interrupted as e:  # a signal while preparing: nothing to save, stop now
+        print(f"pocketgpt: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
         metrics.error("interrupted")
         return 128 + signal.SIGINT
@@ -193,6 +199,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return 1
     finally:
         metrics.close()
+        trainer.release()  # the DDP model goes before its process group (training.distributed.shutdown)
         shutdown(ctx)
     if result.status == "cancelled" and trainer.stop_signal is not None:
         return 128 + trainer.stop_signal  # tells a supervisor "cancelled, saved" apart from "finished"
@@ -210,12 +217,21 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
             tokenizer = Tokenizer.from_file(cfg.init_from)
         except Exception as e:  # the tokenizers library raises its own exception types
             raise UserError(f"cannot read the tokenizer of {cfg.init_from}: {e}") from None
-    data = prepare_data(cfg.data, cfg.prepared_dir, tokenizer_vocab=cfg.tokenizer_vocab,
-                        val_fraction=cfg.val_fraction, tokenizer=tokenizer, log=_log_stderr)
+    try:
+        with stop_on_signals(_raise_interrupted):
+            data = prepare_data(cfg.data, cfg.prepared_dir, tokenizer_vocab=cfg.tokenizer_vocab,
+                                val_fraction=cfg.val_fraction, tokenizer=tokenizer, log=_log_stderr)
+    except Interrupted as e:
+        print(f"pocketgpt: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     m = data.meta
     print(f"{data.path}: {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens, "
           f"{m['train_bytes'] + m['val_bytes']:,} bytes, vocab {m['vocab_size']}, fingerprint {m['fingerprint'][:12]}")
     return 0
+
+
+def _raise_interrupted(signum: int) -> None:
+    raise Interrupted(signum)
 
 
 def _log_stderr(message: str) -> None:
@@ -238,3 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

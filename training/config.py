@@ -99,6 +99,10 @@ class TrainConfig(BaseModel):
     # -- runtime -----------------------------------------------------------------------------------
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:N] or mps")
     compile: bool = Field(False, description="torch.compile the model")
+    dist_timeout: float = Field(
+        300.0, gt=0, description="seconds a process of a multi-process (torchrun) run waits for the others, to "
+        "join and at each collective, before it fails with its output; a process that dies is noticed at once",
+    )
     out: str = Field("runs/pocketgpt", description="run directory: checkpoints and metrics.jsonl")
     resume: str | None = Field(None, description="continue the run in this run directory (from RUN_DIR/last)")
     init_from: str | None = Field(None, description="start from this checkpoint's weights and tokenizer")

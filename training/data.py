@@ -25,6 +25,7 @@ import numpy as np
 
 from pocketgpt.model.tokenizer import Tokenizer, train_tokenizer
 from pocketgpt.training.errors import DataError
+from pocketgpt.training.interrupt import off_main_thread
 from pocketgpt.training.sources import ReadStats, SourceFile, expand_sources, iter_documents
 
 FORMAT_VERSION = 1
@@ -32,6 +33,7 @@ TOKENIZER_SAMPLE_BYTES = 20_000_000  # BPE training time grows with the sample; 
 ENCODE_BATCH_CHARS = 4_000_000  # text handed to one encode_batch call
 PIECE_CHARS = 1 << 16  # long documents are cut at line ends so encode_batch can spread them over threads
 META, TRAIN, VAL, TOKENIZER = "meta.json", "train.bin", "val.bin", "tokenizer.json"
+TOKENS_TMP, META_TMP = "tokens.tmp", "meta.json.tmp"
 
 Log = Callable[[str], None]
 
@@ -154,7 +156,8 @@ def _write_tokens(docs: Iterator[str], tokenizer: Tokenizer, fh: Any, dtype: np.
     while batch := list(islice(pieces, 1 << 12)):
         while sum(len(t) for _, t in batch) < ENCODE_BATCH_CHARS and (more := list(islice(pieces, 1 << 12))):
             batch += more
-        for (starts_doc, _), ids in zip(batch, tokenizer.encode_batch(t for _, t in batch), strict=True):
+        encoded = off_main_thread(tokenizer.encode_batch, [t for _, t in batch])  # a signal can stop it
+        for (starts_doc, _), ids in zip(batch, encoded, strict=True):
             if starts_doc and count:
                 ids = [tokenizer.eot_id, *ids]
             np.asarray(ids, dtype=dtype).tofile(fh)
@@ -189,17 +192,31 @@ def prepare_data(
 
     root.mkdir(parents=True, exist_ok=True)
     (root / META).unlink(missing_ok=True)  # whatever was here is stale from now on
+    try:
+        return _prepare(root, files, specs, sources_fp, request, tokenizer, tokenizer_vocab, val_fraction, log)
+    except BaseException:
+        # Cut short (a signal, a full disk, bad data): meta.json was never written, so nothing here would be
+        # trusted; remove the pieces anyway so no half-written file lingers.
+        if not (root / META).exists():
+            for name in (TOKENS_TMP, META_TMP, TRAIN, VAL, TOKENIZER):
+                (root / name).unlink(missing_ok=True)
+        raise
+
+
+def _prepare(root: Path, files: list[SourceFile], specs: list[str], sources_fp: str, request: dict[str, Any],
+             tokenizer: Tokenizer | None, tokenizer_vocab: int, val_fraction: float, log: Log) -> PreparedData:
+    """Train the tokenizer (unless given), tokenize, split, and write meta.json last."""
     if tokenizer is None:
         sample_stats = ReadStats()
         sample = _sample_for_tokenizer(files, TOKENIZER_SAMPLE_BYTES, sample_stats)
         if not sample:
             raise _empty_corpus(files, specs, sample_stats)
         log(f"training a {tokenizer_vocab}-token BPE tokenizer on {sum(map(len, sample)):,} characters")
-        tokenizer = train_tokenizer(sample, vocab_size=tokenizer_vocab)
+        tokenizer = off_main_thread(train_tokenizer, sample, tokenizer_vocab)  # minutes on a large corpus
     dtype = token_dtype(tokenizer.vocab_size)
     stats = ReadStats()
     log(f"tokenizing {len(files)} file(s) into {root}")
-    tmp = root / "tokens.tmp"
+    tmp = root / TOKENS_TMP
     with open(tmp, "wb") as fh:
         total = _write_tokens(iter_documents(files, stats), tokenizer, fh, dtype)
     if stats.skipped:
@@ -240,8 +257,8 @@ def prepare_data(
         "train_bytes": train_bytes,
         "val_bytes": val_bytes,
     }
-    (root / (META + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(root / (META + ".tmp"), root / META)  # meta.json last: it marks the data complete
+    (root / META_TMP).write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(root / META_TMP, root / META)  # meta.json last: it marks the data complete
     log(f"prepared {n_train:,} train + {n_val:,} val tokens from {stats.documents:,} document(s), "
         f"{stats.bytes:,} bytes")
     return load_prepared(root)

@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """The corpus cannot be used: a missing path, an unreadable file, no text, or too little of it."""
+
+
+class DistributedError(Exception):
+    """A process of a multi-process run could not join the others; reported as one line with exit code 1."""

@@ -32,6 +32,7 @@ from pocketgpt.model.sampling import SamplingParams
 from pocketgpt.training import lora
 from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.distributed import DistContext, any_true, grad_sync, max_over_ranks, mean_over_ranks
+from pocketgpt.training.interrupt import Interrupted
 from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
 from pocketgpt.training.progress import Progress
 from pocketgpt.training.run import Run, build_run
@@ -80,10 +81,20 @@ class Trainer:
         self.progress = progress or Progress(enabled=main)
         self.stop_signal: int | None = None
         self._stop = False
+        self._preparing = False
 
     def request_stop(self, signum: int | None = None) -> None:
-        """Stop after the current step (safe to call from a signal handler)."""
+        """Stop after the current step (safe to call from a signal handler). A signal that arrives while the run
+        is still being prepared (data, tokenizer, model: nothing to save yet) stops it at once: this raises
+        Interrupted, in the signal handler, so it surfaces in whatever the main thread was doing."""
         self.stop_signal, self._stop = signum, True
+        if self._preparing and signum is not None:
+            raise Interrupted(signum)
+
+    def release(self) -> None:
+        """Drop the model, optimizer and data (the process group must outlive a DDP model: see
+        training.distributed.shutdown)."""
+        self.__dict__.pop("run_state", None)
 
     @property
     def tokens_per_step(self) -> int:
@@ -92,13 +103,17 @@ class Trainer:
     def run(self) -> RunResult:
         """Train until a stop condition; returns how it ended."""
         self.t_start = self.clock()
-        if self.cfg.planned:
-            from pocketgpt.training.autoplan import plan_run  # torch-side glue of the planner
+        self._preparing = True
+        try:
+            if self.cfg.planned:
+                from pocketgpt.training.autoplan import plan_run  # torch-side glue of the planner
 
-            self.cfg, self.plan = plan_run(self.cfg, self.ctx, self.progress.info)
-        elif self.cfg.resume:
-            self.plan = _saved_plan(self.cfg.resume)
-        self.run_state: Run = build_run(self.cfg, self.ctx, self.progress.info)
+                self.cfg, self.plan = plan_run(self.cfg, self.ctx, self.progress.info)
+            elif self.cfg.resume:
+                self.plan = _saved_plan(self.cfg.resume)
+            self.run_state: Run = build_run(self.cfg, self.ctx, self.progress.info)
+        finally:
+            self._preparing = False
         self.prep_s = self.clock() - self.t_start
         if self.cfg.max_time is not None:
             self.progress.info(f"planning and data preparation took {self.prep_s:.1f} s of the "

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pocketgpt.app.errors import envelope
 from pocketgpt.app.jobs.manager import JobManager
 from pocketgpt.app.jobs.metrics import MetricsTail
 from pocketgpt.app.jobs.store import Job
@@ -28,8 +29,10 @@ def job_view(job: Job) -> dict[str, Any]:
     return data
 
 
-async def job_events(manager: JobManager, job_id: str, last_event_id: int = 0) -> AsyncIterator[dict[str, Any]]:
-    """Server-sent events for a job: one per metrics record (event = record type), then `status`."""
+async def job_events(manager: JobManager, job_id: str, last_event_id: int = 0,
+                     stopping: Callable[[], bool] = lambda: False) -> AsyncIterator[dict[str, Any]]:
+    """Server-sent events for a job: one per metrics record (event = record type), then `status`; or, when
+    `stopping()` turns true (server shutdown), an `error` event (the client reconnects with Last-Event-ID)."""
     job = manager.get(job_id)
     tail = MetricsTail(manager.metrics_path(job))
     seen = 0
@@ -42,5 +45,10 @@ async def job_events(manager: JobManager, job_id: str, last_event_id: int = 0) -
                 yield {"event": str(rec.get("type") or "message"), "id": str(seen), "data": json.dumps(rec)}
         if finished:
             yield {"event": "status", "data": json.dumps(job_view(job))}
+            return
+        if stopping():
+            error = envelope("the server is shutting down; reconnect with Last-Event-ID once it is back",
+                             "service_unavailable", code="server_shutting_down")
+            yield {"event": "error", "data": json.dumps(error)}
             return
         await asyncio.sleep(manager.poll_interval_s)

@@ -107,6 +107,7 @@ class JobManager:
         env: dict[str, str] | None = None,
         on_serve: ServeHook | None = None,
         preflight: Preflight | None = None,
+        on_served: Callable[[Path], None] | None = None,
     ) -> None:
         self.store = store
         self.checkpoint_dir = Path(checkpoint_dir).resolve()
@@ -121,6 +122,7 @@ class JobManager:
         self.env = env
         self.on_serve = on_serve
         self.preflight = preflight
+        self.on_served = on_served  # told of every successful hot swap (it persists the served checkpoint)
         self._runs: dict[str, _Run] = {}
         self._serve_tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -329,12 +331,18 @@ class JobManager:
             if self.on_serve is None:
                 raise RuntimeError("no serve callback is set")
             await self.on_serve(path)
+            self.record_served(path)
             self.store.update_job(job.id, served_checkpoint=self.checkpoint_name(str(path)))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.warning("job %s: serving its checkpoint failed: %s", job.id, e)
             self.store.update_job(job.id, serve_error=str(e) or type(e).__name__)
+
+    def record_served(self, path: str | Path) -> None:
+        """A hot swap to `path` succeeded (POST /admin/model or serve_when_done): pass it to `on_served`."""
+        if self.on_served is not None:
+            self.on_served(Path(path))
 
     def checkpoint_name(self, path: str | Path) -> str:
         """A trainer-written checkpoint path as a name relative to the checkpoint root (absolute if outside)."""

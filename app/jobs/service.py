@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
 
 from pocketgpt.app.engine.holder import EngineHolder
+from pocketgpt.app.jobs import served
 from pocketgpt.app.jobs.datasets import check_links, resolve_data_source
 from pocketgpt.app.jobs.manager import JobManager, ServeHook
 from pocketgpt.app.jobs.store import Job, JobStore
@@ -21,7 +23,8 @@ def admin_enabled(settings: Settings) -> bool:
 
 def create_job_manager(settings: Settings, holder: EngineHolder, on_serve: ServeHook | None = None) -> JobManager:
     """A job manager over the configured database and checkpoint root; jobs with serve_when_done hot-load
-    their checkpoint through `on_serve` (every Ray Serve replica), else through `holder`."""
+    their checkpoint through `on_serve` (every Ray Serve replica), else through `holder`; every successful swap
+    is remembered in the store (app/jobs/served.py)."""
     store = JobStore(settings.db)
 
     def preflight(job: Job) -> None:
@@ -36,6 +39,7 @@ def create_job_manager(settings: Settings, holder: EngineHolder, on_serve: Serve
         store, settings.checkpoint_dir, max_concurrent=settings.max_concurrent_jobs,
         cancel_grace_s=settings.cancel_grace_s, on_serve=on_serve or holder.swap, preflight=preflight,
         trainer_cmd=trainer_command(settings),
+        on_served=functools.partial(served.remember, store, settings.checkpoint_dir, settings.checkpoint),
     )
 
 

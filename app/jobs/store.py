@@ -1,4 +1,4 @@
-"""SQLite persistence for training jobs and uploaded datasets.
+"""SQLite persistence for training jobs, uploaded datasets and a little server state (`settings`).
 
 One connection shared by every thread behind a lock: the admin API writes a handful of small rows per second at
 most, so a lock is simpler than a connection per thread and just as fast. WAL mode lets an operator read the
@@ -69,6 +69,14 @@ MIGRATIONS: list[str] = [
         lines INTEGER NOT NULL,
         sha256 TEXT NOT NULL,
         created_at REAL NOT NULL
+    );
+    """,
+    # v2: small server state that must outlive a restart (the hot-swapped checkpoint: app/jobs/served.py)
+    """
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,            -- JSON
+        updated_at REAL NOT NULL
     );
     """,
 ]
@@ -263,3 +271,19 @@ class JobStore:
         with self._lock:
             rows = self._db.execute("SELECT * FROM datasets ORDER BY created_at DESC, rowid DESC").fetchall()
         return [Dataset(**dict(r)) for r in rows]
+
+    # -- settings ------------------------------------------------------------------------------------------
+    def get_setting(self, key: str) -> Any:
+        """The JSON value stored under `key`, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable `value` under `key` (replacing any previous one)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, json.dumps(value), time.time()),
+            )

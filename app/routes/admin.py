@@ -14,7 +14,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sse_starlette import EventSourceResponse
 
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.jobs.checkpoints import list_checkpoints
@@ -33,7 +32,6 @@ from pocketgpt.app.jobs.manager import JobConflict, JobManager, JobNotFound
 from pocketgpt.app.jobs.process import tail_lines
 from pocketgpt.app.jobs.schemas import ConfigProblem, JobRequest, ModelSwapRequest
 from pocketgpt.app.jobs.store import LIVE_STATUSES, TERMINAL_STATUSES
-from pocketgpt.app.sse import ping_interval
 from pocketgpt.model.checkpoint import CheckpointError
 
 log = logging.getLogger("pocketgpt.admin")
@@ -129,8 +127,9 @@ async def job_event_stream(
 ):
     """SSE: the job's metrics records so far and as they come (event = record type), then `status`."""
     _job_or_404(manager, job_id)
-    return EventSourceResponse(job_events(manager, job_id, int(last_event_id or 0)),
-                               ping=ping_interval(request.app.state.settings.sse_ping))
+    drain = request.app.state.drain
+    return drain.sse(job_events(manager, job_id, int(last_event_id or 0), stopping=lambda: drain.draining),
+                     ping=request.app.state.settings.sse_ping)
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
@@ -260,6 +259,7 @@ async def swap_model(body: ModelSwapRequest, request: Request, manager: JobManag
     if swap.done() and swap.exception() is not None:  # a load failure: the old engine is still in place
         raise APIError(422, f"Could not load checkpoint {body.checkpoint!r}: {swap.exception()}",
                        param="checkpoint", code="checkpoint_load_failed")
+    manager.record_served(path)  # served again after a restart
     return {"object": "model", "checkpoint": manager.checkpoint_name(path), "path": str(path),
             "draining": not swap.done()}
 
@@ -272,6 +272,7 @@ async def _swap_all_replicas(swap_all, path: Path, name: str, manager: JobManage
                        code="checkpoint_load_failed") from None
     except (RuntimeError, TimeoutError) as e:
         raise APIError(502, f"Not every replica serves {name!r}: {e}", code="replicas_not_swapped") from None
+    manager.record_served(path)  # served again after a restart
     return {"object": "model", "checkpoint": manager.checkpoint_name(path), "path": str(path), "draining": False,
             "replicas": "all"}
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
@@ -25,7 +25,6 @@ from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, PromptRenderer, wait_or_cancel
 from pocketgpt.app.routes.openai import openai_chunks
 from pocketgpt.app.schemas import ChatCompletionRequest, openai_finish_reason
-from pocketgpt.app.sse import ping_interval
 from pocketgpt.model.chat import ChatTemplate
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -75,7 +74,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     generation = await start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(generation, include_usage), ping=ping_interval(ctx.settings.sse_ping))
+        return ctx.sse(_chunks(generation, include_usage))
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)

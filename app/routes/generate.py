@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, wait_or_cancel
 from pocketgpt.app.schemas import GenerateRequest
-from pocketgpt.app.sse import ping_interval
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -44,7 +43,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: AppContext = De
     spec = body.to_spec(ctx.settings)
     generation = await start_generation(ctx, spec, request)
     if body.stream:
-        return EventSourceResponse(_events(generation), ping=ping_interval(ctx.settings.sse_ping))
+        return ctx.sse(_events(generation))
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)  # client closed the request; nobody reads this

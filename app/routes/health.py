@@ -11,6 +11,7 @@ from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.metrics import CONTENT_TYPE
+from pocketgpt.app.shutdown import shutting_down_error
 
 router = APIRouter()
 
@@ -23,7 +24,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(ctx: AppContext = Depends(get_ctx)) -> Response:
-    """200 once a model is loaded and its engine thread is alive; 503 before."""
+    """200 once a model is loaded and its engine thread is alive; 503 before, and once shutdown has begun."""
+    if ctx.drain.draining:
+        return shutting_down_error().response()
     engine = ctx.holder.current
     if engine is None or not engine.alive:
         return APIError(503, "the model is not loaded yet", code="model_not_ready").response()

@@ -14,14 +14,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, check_model, wait_or_cancel
 from pocketgpt.app.schemas import CompletionRequest, openai_finish_reason
-from pocketgpt.app.sse import ping_interval
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -82,7 +81,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: AppContext
     generation = await start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(generation, include_usage), ping=ping_interval(ctx.settings.sse_ping))
+        return ctx.sse(_chunks(generation, include_usage))
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)
