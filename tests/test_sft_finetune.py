@@ -34,12 +34,7 @@ WORDS = ["red", "blue", "green", "gold", "pink", "gray", "black", "white"]
 STEPS = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def reversal_task(n: int, seed: int = 0) -> list[list[str]]:

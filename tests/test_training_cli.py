@@ -23,13 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "8", "--tokenizer-vocab", "300", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and stay fast when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -24,13 +24,7 @@ from tests.test_training_data import structured_corpus, write_corpus
 TINY = {"preset": "tiny", "block_size": 32, "batch_size": 16, "tokenizer_vocab": 300, "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and stay fast when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(corpus: Path, out: Path, **overrides) -> TrainConfig:
