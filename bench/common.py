@@ -49,6 +49,17 @@ def bench_tokenizer(vocab_size: int = 8192) -> Tokenizer:
     return train_tokenizer(CORPUS * 200, vocab_size=vocab_size)
 
 
+def cached_bench_tokenizer(work: Path, vocab_size: int = 8192) -> Tokenizer:
+    """`bench_tokenizer(vocab_size)`, trained once and kept in `work` for later runs."""
+    path = work / f"tokenizer-{vocab_size}.json"
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = bench_tokenizer(vocab_size)
+    tokenizer.save(path)
+    return tokenizer
+
+
 def make_checkpoint(path: Path, cfg: ModelConfig, tokenizer: Tokenizer, seed: int = 0) -> Path:
     """Random weights, with end-of-text never the greedy choice, so every side generates the full length."""
     torch.manual_seed(seed)

@@ -172,16 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bench.common import bench_tokenizer, headline_config, machine_info, make_checkpoint
-    from pocketgpt.model.tokenizer import Tokenizer
+    from bench.common import cached_bench_tokenizer, headline_config, machine_info, make_checkpoint
 
     args.work.mkdir(parents=True, exist_ok=True)
-    tok_path = args.work / "tokenizer-8192.json"
-    if tok_path.is_file():
-        tokenizer = Tokenizer.from_file(tok_path)
-    else:
-        tokenizer = bench_tokenizer(8192)
-        tokenizer.save(tok_path)
+    tokenizer = cached_bench_tokenizer(args.work)
     cfg = headline_config(block_size=2048, vocab_size=max(8192, tokenizer.vocab_size))
     checkpoint = make_checkpoint(args.work / "engine-random-2048", cfg, tokenizer)
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "model": cfg.to_dict(),

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import decode, figures, report, serve, train
     from bench.client import Server
-    from bench.common import bench_tokenizer, headline_config, machine_info, make_checkpoint, thread_probe
+    from bench.common import cached_bench_tokenizer, headline_config, machine_info, make_checkpoint, thread_probe
 
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {
@@ -78,14 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.perf_counter()
     if {"decode", "serve"} & set(args.only):
-        tok_path = args.work / "tokenizer-8192.json"
-        if tok_path.is_file():
-            from pocketgpt.model.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_file(tok_path)
-        else:
-            tokenizer = bench_tokenizer(8192)
-            tokenizer.save(tok_path)
+        tokenizer = cached_bench_tokenizer(args.work)
         cfg = headline_config(vocab_size=max(8192, tokenizer.vocab_size))
         checkpoint = make_checkpoint(args.work / "headline-random", cfg, tokenizer)
         results["model"] = cfg.to_dict()
