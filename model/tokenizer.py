@@ -252,6 +252,10 @@ class Tokenizer:
         """The id of a whole token (e.g. a special token such as "<|end|>"), or None if it is not one."""
         return self._hf.token_to_id(token)
 
+    def token_name(self, token_id: int) -> str | None:
+        """The vocabulary's name for a token (a special token's text, e.g. "<|endoftext|>"), None if out of range."""
+        return self._hf.id_to_token(int(token_id))
+
     def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
         """A new tokenizer with `tokens` added as special tokens (appended after the last id) where missing.
 

@@ -107,6 +107,8 @@ class Engine:
     def submit(self, request: GenRequest, loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
         """Queue a request; raises QueueFull (answer 429) or EngineClosed (use the holder's current engine)."""
         n = len(request.prompt_ids)
+        if request.max_new_tokens == 0 and request.prompt_logprobs is None:
+            raise ValueError("max_new_tokens 0 only scores a prompt: it needs prompt_logprobs")
         if n == 0 or n + request.max_new_tokens > self.context_length:
             raise ValueError(f"prompt ({n}) + max_new_tokens ({request.max_new_tokens}) "
                              f"must be within 1..{self.context_length}")
@@ -221,7 +223,8 @@ class Engine:
                 if self.scheduler.prefix is not None or self.spec_tokens > 0:
                     seq.history = list(req.prompt_ids)
                 # Drafts are verified greedily: only requests whose sampler is argmax may draft.
-                if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized:
+                # (Nor rows that want logprobs: the runner scores one sampled token per row and step.)
+                if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized and req.logprobs is None:
                     seq.drafter = self._drafter(seq.history, self.spec_tokens)
                 self.scheduler.add(seq)
             elif item[0] == "cancel":

@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from pocketgpt.app.engine.scheduler import Scheduler, Sequence
-from pocketgpt.app.engine.types import DoneEvent, ErrorEvent, Event, FinishReason, Ticket, TokenEvent
+from pocketgpt.app.engine.types import DoneEvent, ErrorEvent, Event, FinishReason, PromptEvent, Ticket, TokenEvent
 
 if TYPE_CHECKING:
     from pocketgpt.app.metrics import Metrics
@@ -47,6 +47,11 @@ class Output:
         """One token to its request; retire the request on end-of-text, a stop string or its length.
         Returns whether the request is finished."""
         index = seq.generated
+        if index == 0 and seq.request.prompt_logprobs is not None:
+            self._emit(seq, PromptEvent(tuple(seq.prompt_logprobs)))
+            if seq.request.max_new_tokens == 0:  # scoring a prompt: its logprobs are the answer, `token` unused
+                self._retire(seq, "length", None, now)
+                return True
         seq.generated += 1
         if seq.history is not None:
             seq.history.append(token)
@@ -60,15 +65,19 @@ class Output:
                 tail, stop = seq.text.finish()
                 text += tail
                 reason = "stop_sequence" if stop else "length"
-        self._emit(seq, TokenEvent(index, token, text, now))
+        logprob = seq.logprobs.pop(0) if seq.request.logprobs is not None else None
+        self._emit(seq, TokenEvent(index, token, text, now, logprob))
         if reason is None:
             seq.next_token = token
             return False
+        self._retire(seq, reason, stop, now)
+        return True
+
+    def _retire(self, seq: Sequence, reason: FinishReason, stop: str | None, now: float) -> None:
         self.finished.append((seq, seq.slot))
         self.scheduler.remove(seq)
         self.count_finish(reason)
         self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached))
-        return True
 
     def fail(self, seq: Sequence, status: int, message: str, code: str) -> None:
         """End `seq` with an error event and free its slot."""

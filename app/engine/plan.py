@@ -44,6 +44,12 @@ class PrefillBatch:
     def lengths(self) -> list[int]:
         return [c.size for c in self.chunks]
 
+    @property
+    def all_positions(self) -> bool:
+        """Whether the runner needs every position's logits: the prompts asked for their logprobs (such chunks
+        are batched only with each other, so no other request pays for it)."""
+        return self.chunks[0].seq.request.prompt_logprobs is not None
+
 
 @dataclass
 class StepPlan:
@@ -99,15 +105,16 @@ def group_waves(chunks: list[Chunk], max_len: int) -> list[PrefillBatch]:
     """
     batches: list[PrefillBatch] = []
     while chunks:
-        wave: dict[int, list[Chunk]] = defaultdict(list)  # start -> chunks, in plan order
+        # (start, wants every position's logits) -> chunks, in plan order
+        wave: dict[tuple[int, bool], list[Chunk]] = defaultdict(list)
         later, seen = [], set()
         for chunk in chunks:
             if chunk.seq in seen:
                 later.append(chunk)
             else:
                 seen.add(chunk.seq)
-                wave[chunk.start].append(chunk)
-        for start, group in wave.items():
+                wave[chunk.start, chunk.seq.request.prompt_logprobs is not None].append(chunk)
+        for (start, _), group in wave.items():
             width = max(c.size for c in group)
             if start + width <= max_len:
                 batches.append(PrefillBatch(start, tuple(group)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from pocketgpt.app.engine import logprobs
 from pocketgpt.app.engine.graphs import GraphDecoder
 from pocketgpt.app.engine.plan import PrefillBatch, StepPlan
 from pocketgpt.app.engine.prefix_cache import BlockPool
@@ -126,13 +127,32 @@ class Runner:
                 out.append(best[i][j])
 
     def _prefill(self, batch: PrefillBatch) -> torch.Tensor:
-        """Last-token logits of each chunk in `batch` (rows shorter than the batch are padded at the end)."""
+        """Last-token logits of each chunk in `batch` (rows shorter than the batch are padded at the end).
+        A batch of prompts that asked for their logprobs gets every position's logits and scores them."""
         width, lengths = batch.width, batch.lengths
         idx = torch.tensor([c.seq.request.prompt_ids[c.start : c.end] + [0] * (width - c.size)
                             for c in batch.chunks], device=self.device)
-        return self.model.forward_cached(
-            idx, self.cache, [c.seq.slot for c in batch.chunks], [batch.start] * len(batch.chunks),
-            **({"lengths": lengths} if min(lengths) < width else {}))
+        slots, starts = [c.seq.slot for c in batch.chunks], [batch.start] * len(batch.chunks)
+        if batch.all_positions:
+            wide = self.model.forward_cached(idx, self.cache, slots, starts, last_only=False)
+            self._score_prompt(batch, wide)
+            return wide[torch.arange(len(lengths), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self.model.forward_cached(idx, self.cache, slots, starts,
+                                         **({"lengths": lengths} if min(lengths) < width else {}))
+
+    def _score_prompt(self, batch: PrefillBatch, wide: torch.Tensor) -> None:
+        """Append each chunk's prompt-token logprobs to its sequence: position j predicts prompt token
+        start + j + 1 (the prompt's last position predicts the first output token, scored when sampled)."""
+        for i, c in enumerate(batch.chunks):
+            prompt = c.seq.request.prompt_ids
+            if c.start == 0:
+                c.seq.prompt_logprobs.append(None)  # nothing predicts the first token
+            m = min(c.size, len(prompt) - 1 - c.start)
+            if m <= 0:
+                continue
+            lp = logprobs.log_probs(wide[i, :m], self._text_vocab)
+            targets = torch.tensor(prompt[c.start + 1 : c.start + 1 + m], device=self.device)
+            c.seq.prompt_logprobs.extend(logprobs.gather(lp, targets, [c.seq.request.prompt_logprobs] * m))
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         if self._text_vocab < logits.size(1):
@@ -140,6 +160,9 @@ class Runner:
         for i, seq in enumerate(rows):
             if seq.generated == 0 and seq.request.heal:
                 logits[i].masked_fill_(~self._heal_mask(seq.request.heal), float("-inf"))
+        # Logprobs of the raw model distribution (see engine/logprobs.py), before healing and penalties.
+        asked = [i for i, s in enumerate(rows) if s.request.logprobs is not None]
+        raw = logprobs.log_probs(logits[asked], self._text_vocab) if asked else None
         params = [s.request.params for s in rows]
         penalized = any(p.penalized for p in params)
         counts = mask = slots = None
@@ -149,7 +172,11 @@ class Runner:
         tokens = sample(logits, params, [s.generator for s in rows], counts, mask)
         if penalized:
             self._counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-        return tokens.tolist()  # the one host sync of the step
+        if raw is not None:
+            picked = logprobs.gather(raw, tokens[asked], [rows[i].request.logprobs for i in asked])
+            for i, lp in zip(asked, picked, strict=True):
+                rows[i].logprobs.append(lp)
+        return tokens.tolist()  # the one host sync of the step (a second one only when a row asked for logprobs)
 
     def _heal_mask(self, prefix: bytes) -> torch.Tensor:
         """Boolean (vocab,) mask of the tokens that may follow a healed prompt; built once per prefix."""

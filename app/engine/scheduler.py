@@ -18,7 +18,7 @@ from pocketgpt.app.engine.plan import Chunk, StepPlan, group_waves, prefill_budg
 from pocketgpt.app.engine.prefix_cache import PrefixIndex
 from pocketgpt.app.engine.speculate import NgramDrafter
 from pocketgpt.app.engine.stream import TextStream
-from pocketgpt.app.engine.types import EngineClosed, GenRequest, QueueFull, Ticket
+from pocketgpt.app.engine.types import EngineClosed, GenRequest, Logprob, QueueFull, Ticket
 
 
 @dataclass(eq=False)
@@ -38,6 +38,8 @@ class Sequence:
     submitted: float = 0.0
     history: list[int] | None = None  # prompt and output so far (kept for speculation and the prefix cache)
     drafter: NgramDrafter | None = None  # speculative decoding for this request (greedy requests only)
+    logprobs: list[Logprob] = field(default_factory=list)  # sampled tokens' logprobs not yet delivered
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # the prompt's, as its chunks run
 
     @property
     def request(self) -> GenRequest:
@@ -107,7 +109,8 @@ class Scheduler:
             seq.slot = heapq.heappop(self._free)
             self.running[seq.slot] = seq
             placed.append(seq)
-            if self.prefix is not None:
+            # Prompt logprobs need every prompt position's logits, so such a prompt is computed in full.
+            if self.prefix is not None and seq.request.prompt_logprobs is None:
                 blocks = self.prefix.match(seq.request.prompt_ids)
                 if blocks:
                     seq.prefilled = seq.cached = len(blocks) * self.prefix.block

@@ -32,7 +32,19 @@ class GenRequest:
     timeout: float | None = None  # seconds from submission; None: no limit
     stop_ids: tuple[int, ...] = ()  # tokens that end the output like end-of-text (a chat turn's end marker)
     heal: bytes = b""  # token healing: the first generated token must start with these bytes (cut from the prompt)
+    logprobs: int | None = None  # each sampled token's log-probability and this many top alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for every prompt token (a PromptEvent); None: off
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One position's token, its log-probability under the model, and the `k` most likely tokens there
+    ((id, log-probability), most likely first). Log-probabilities are of the raw model distribution."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,15 @@ class TokenEvent:
     id: int
     text: str
     t: float  # time.perf_counter() when the token was sampled
+    logprob: Logprob | None = None  # only when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class PromptEvent:
+    """The prompt's log-probabilities (requests with `prompt_logprobs`), before the first token: one per prompt
+    token, the first None (nothing predicts it)."""
+
+    logprobs: tuple[Logprob | None, ...]
 
 
 @dataclass(frozen=True)
@@ -66,7 +87,7 @@ class ErrorEvent:
     code: str
 
 
-Event = TokenEvent | DoneEvent | ErrorEvent
+Event = TokenEvent | PromptEvent | DoneEvent | ErrorEvent
 
 
 class Ticket:
