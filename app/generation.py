@@ -11,12 +11,22 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pocketgpt.app.engine.engine import Engine
 from pocketgpt.app.engine.holder import EngineHolder
-from pocketgpt.app.engine.types import DoneEvent, EngineClosed, ErrorEvent, GenRequest, QueueFull, Ticket, TokenEvent
+from pocketgpt.app.engine.types import (
+    DoneEvent,
+    EngineClosed,
+    ErrorEvent,
+    GenRequest,
+    Logprob,
+    PromptEvent,
+    QueueFull,
+    Ticket,
+    TokenEvent,
+)
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.metrics import Metrics
 from pocketgpt.model.sampling import SamplingParams
@@ -45,6 +55,8 @@ class GenerationSpec:
     render: PromptRenderer | None = None  # None: the prompt is `prompt`, encoded as text
     clip_to_context: bool = False  # lower max_new_tokens to the room the prompt leaves (max_tokens not given)
     model: str | None = None  # the model the client named (OpenAI routes); None: whichever is served
+    logprobs: int | None = None  # each sampled token's logprob and this many alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); the prompt is then not healed
 
 
 def model_names(served: str) -> tuple[str, ...]:
@@ -64,7 +76,10 @@ def encode_prompt(engine: Engine, spec: GenerationSpec) -> tuple[list[int], tupl
         ids, stop_ids = spec.render(engine)
         return ids, stop_ids, b""
     # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
-    ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode_prompt(spec.prompt, allow_special=False))
+    ids = engine.tokenizer.encode_prompt(spec.prompt, allow_special=False)
+    if spec.prompt_logprobs is not None:  # scored as written: healing would drop its last token
+        return ids, (), b""
+    ids, heal = engine.tokenizer.heal_prompt(ids)
     return ids, (), heal
 
 
@@ -99,6 +114,9 @@ class GenerationResult:
     ttft_ms: float | None
     total_ms: float
     tokens_per_s: float
+    token_ids: list[int] = field(default_factory=list)  # the sampled tokens (an end-of-text token included)
+    logprobs: list[Logprob] | None = None  # one per sampled token, when asked for
+    prompt_logprobs: list[Logprob | None] | None = None  # one per prompt token (the first None), when asked for
 
     def usage(self) -> dict[str, int]:
         return {
@@ -117,10 +135,19 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The /v1/generate response body (also the `done` event's data)."""
-        return {
+        body = {
             "id": self.id, "model": self.model, "text": self.text, "finish_reason": self.finish_reason,
             "stop_sequence": self.stop_sequence, "seed": self.seed, "usage": self.usage(), "timings": self.timings(),
         }
+        if self.logprobs is not None:
+            body["logprobs"] = [logprob_dict(e) for e in self.logprobs]
+        return body
+
+
+def logprob_dict(entry: Logprob) -> dict[str, Any]:
+    """/v1/generate's shape of one token's logprobs: ids, as the route's token events carry them."""
+    return {"id": entry.token, "logprob": entry.logprob,
+            "top_logprobs": [{"id": i, "logprob": lp} for i, lp in entry.top]}
 
 
 class Generation:
@@ -139,6 +166,9 @@ class Generation:
         self.result: GenerationResult | None = None
         self.error: APIError | None = None
         self._parts: list[str] = []
+        self._ids: list[int] = []
+        self._logprobs: list[Logprob] | None = [] if ticket.request.logprobs is not None else None
+        self.prompt_logprobs: list[Logprob | None] | None = None  # set before the first token, when asked for
         self._first: float | None = None
         self._last: float | None = None
         self._done = False
@@ -170,7 +200,8 @@ class Generation:
                     422, f"prompt is {n} tokens and {spec.max_tokens_param} is {m}: {n + m} tokens exceed the "
                     f"model's context length of {limit}", param="prompt" if n >= limit else spec.max_tokens_param,
                     code="context_length_exceeded")
-            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids, heal=heal)
+            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids, heal=heal,
+                                 logprobs=spec.logprobs, prompt_logprobs=spec.prompt_logprobs)
             try:
                 ticket = engine.submit(request)
             except EngineClosed:
@@ -197,6 +228,8 @@ class Generation:
                 if isinstance(event, TokenEvent):
                     self._on_token(event)
                     yield event
+                elif isinstance(event, PromptEvent):
+                    self.prompt_logprobs = list(event.logprobs)
                 elif isinstance(event, DoneEvent):
                     self._on_done(event)
                 elif isinstance(event, ErrorEvent):
@@ -241,6 +274,9 @@ class Generation:
 
     def _on_token(self, event: TokenEvent) -> None:
         self._parts.append(event.text)
+        self._ids.append(event.id)
+        if self._logprobs is not None and event.logprob is not None:
+            self._logprobs.append(event.logprob)
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
             if self._last is None:
@@ -260,6 +296,7 @@ class Generation:
             completion_tokens=event.completion_tokens, cached_tokens=event.cached_tokens,
             ttft_ms=None if self._first is None else (self._first - self.started) * 1000,
             total_ms=total * 1000, tokens_per_s=event.completion_tokens / total,
+            token_ids=self._ids, logprobs=self._logprobs, prompt_logprobs=self.prompt_logprobs,
         )
 
 

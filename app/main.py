@@ -32,7 +32,7 @@ from pocketgpt.app.log import configure_logging
 from pocketgpt.app.metrics import Metrics
 from pocketgpt.app.middleware import AccessMiddleware, BodyLimitMiddleware, EnvelopeCORSMiddleware
 from pocketgpt.app.openapi import install_openapi
-from pocketgpt.app.routes import admin, chat, generate, health, openai, playground
+from pocketgpt.app.routes import admin, chat, generate, health, openai, playground, tokenize
 from pocketgpt.app.settings import Settings
 from pocketgpt.app.shutdown import Drain
 from pocketgpt.model.checkpoint import CheckpointError
@@ -161,6 +161,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(chat.router)
+    app.include_router(tokenize.router)
     app.include_router(health.router)
     app.include_router(admin.router)  # answers 403 until POCKETGPT_ADMIN_TOKEN is set
     playground.install(app)  # GET / and /static/*: the browser playground, open like /healthz

@@ -207,6 +207,9 @@ class AccessMiddleware:
             else:
                 fields += [f"prompt_tokens={generation.prompt_tokens}",
                            f"finish={'error' if generation.error else 'cancelled'}"]
+        user = state.get("user")  # OpenAI's `user` field: client-controlled, so escaped like the path
+        if user:
+            fields.append(f"user={_printable(user, 64)}")
         client = scope.get("client")
         if client:
             fields.insert(1, f"client={client[0]}")

@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.routes.admin import require_admin
+from pocketgpt.app.routes.tokenize import DetokenizeResponse, TokenizeResponse
 from pocketgpt.model.chat import ROLES as CHAT_ROLES
 
 ENVELOPE_REF = "#/components/schemas/ErrorResponse"
@@ -64,6 +65,19 @@ class Timings(BaseModel):
     tokens_per_s: float
 
 
+class TopLogprobId(BaseModel):
+    id: int
+    logprob: float
+
+
+class GenerateLogprob(BaseModel):
+    """/v1/generate's logprobs of one sampled token (raw model distribution) and its top alternatives."""
+
+    id: int
+    logprob: float
+    top_logprobs: list[TopLogprobId]
+
+
 class GenerateResponse(BaseModel):
     """POST /v1/generate without `stream` (also the data of the stream's `done` event)."""
 
@@ -75,12 +89,22 @@ class GenerateResponse(BaseModel):
     seed: int
     usage: Usage
     timings: Timings
+    logprobs: list[GenerateLogprob] | None = Field(None, description="only with `logprobs` in the request")
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI completions' logprobs: one entry per token (with `echo`, the prompt's first; its logprob null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length"]
 
 
@@ -98,10 +122,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: Literal["stop", "length"]
 
 
@@ -221,12 +260,13 @@ class TokenEvent(BaseModel):
     index: int
     id: int
     text: str
+    logprob: GenerateLogprob | None = Field(None, description="only with `logprobs` in the request")
 
 
 class CompletionChunkChoice(BaseModel):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -247,7 +287,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -263,7 +303,7 @@ class ChatCompletionChunk(BaseModel):
 _MODELS: list[type[BaseModel]] = [
     ErrorResponse, GenerateResponse, CompletionResponse, ChatCompletionResponse, ModelCard, ModelList, Health, Ready,
     Info, Job, JobList, Dataset, DatasetList, CheckpointList, ServedModel, TokenEvent, CompletionChunk,
-    ChatCompletionChunk,
+    ChatCompletionChunk, TokenizeResponse, DetokenizeResponse,
 ]
 
 
@@ -326,6 +366,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/generate"): Op(200, GenerateResponse, _GENERATION, stream="optional"),
     ("POST", "/v1/completions"): Op(200, CompletionResponse, (404, *_GENERATION), stream="optional"),
     ("POST", "/v1/chat/completions"): Op(200, ChatCompletionResponse, (404, *_GENERATION), stream="optional"),
+    ("POST", "/v1/tokenize"): Op(200, TokenizeResponse, (404, 422, 503)),
+    ("POST", "/v1/detokenize"): Op(200, DetokenizeResponse, (404, 422, 503)),
     ("GET", "/v1/models"): Op(200, ModelList, (503,)),
     ("GET", "/v1/models/{model_id}"): Op(200, ModelCard, (404, 503)),
     ("GET", "/healthz"): Op(200, Health),
@@ -406,6 +448,8 @@ _SETTING_BOUNDS = {
     ("GenerateRequest", "prompt"): ("maxLength", "max_prompt_chars"),
     ("CompletionRequest", "prompt"): ("maxLength", "max_prompt_chars"),
     ("ChatCompletionRequest", "messages"): ("maxItems", "max_messages"),
+    ("TokenizeRequest", "prompt"): ("maxLength", "max_prompt_chars"),
+    ("TokenizeRequest", "messages"): ("maxItems", "max_messages"),
 }
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pocketgpt.app.engine.logprobs import MAX_TOP_LOGPROBS
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import GenerationSpec, PromptRenderer, random_seed
 from pocketgpt.app.settings import Settings
@@ -28,6 +29,8 @@ StopList = Annotated[list[StopString], Field(max_length=4)]
 # 0.6 s of event-loop time to validate); the server's bound, POCKETGPT_MAX_MESSAGES, is at most this.
 MAX_MESSAGES_CAP = 2048
 MAX_CONTENT_PARTS = 256
+MAX_USER_CHARS = 256  # OpenAI's `user`: an end-user id, written to the access log
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 # Strict types (no "10" -> 10, no "yes" -> True) and finite numbers only.
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
@@ -66,6 +69,8 @@ class GenerateRequest(BaseModel):
     stop: StopString | StopList | None = Field(None, description="up to 4 strings that end the output")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="echoed back; random when absent")
     stream: bool = Field(False, description="server-sent events instead of one JSON body")
+    logprobs: TopLogprobs | None = Field(None, description="each token's log-probability (raw model distribution) "
+                                         "and this many most likely alternatives (0-20); absent: none")
 
     def to_spec(self, settings: Settings) -> GenerationSpec:
         _check_prompt(self.prompt, settings)
@@ -79,7 +84,7 @@ class GenerateRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
         )
         seed = random_seed() if self.seed is None else self.seed
-        return GenerationSpec(self.prompt, max_new, params, seed, _stops(self.stop))
+        return GenerationSpec(self.prompt, max_new, params, seed, _stops(self.stop), logprobs=self.logprobs)
 
 
 def _openai_sampling(body: OpenAISamplingFields) -> SamplingParams:
@@ -145,26 +150,26 @@ class OpenAISamplingFields(BaseModel):
 class CompletionRequest(OpenAISamplingFields):
     """POST /v1/completions, the OpenAI legacy completions shape.
 
-    Unknown fields are accepted and ignored (clients send many); fields we cannot honour (n > 1, echo,
-    logprobs, best_of, suffix, logit_bias) are refused with 400 by `to_spec`. `top_k` and
-    `repetition_penalty` are accepted as extensions, as other OpenAI-compatible servers do.
+    Unknown fields are accepted and ignored (clients send many); fields we cannot honour (n > 1, best_of,
+    suffix, logit_bias) are refused with 400 by `to_spec`. `top_k` and `repetition_penalty` are accepted as
+    extensions, as other OpenAI-compatible servers do. `echo` with `logprobs` scores the prompt, and with
+    `max_tokens: 0` only the prompt (how evaluation harnesses score a text).
     """
 
     prompt: str | list[Any]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool | None = False
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    echo: bool | None = Field(False, description="prepend the prompt to the text (and, with logprobs, its tokens)")
+    logprobs: TopLogprobs | None = Field(None, description="each token's log-probability (raw model distribution) "
+                                         "and this many most likely alternatives (0-20)")
     best_of: int | None = None
     suffix: str | None = None
     logit_bias: dict[str, Any] | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="an end-user id, written to the access log")
 
     def _refuse_unsupported(self) -> None:
         self._refuse_common()
         unsupported = {
             "best_of": self.best_of not in (None, 1),
-            "echo": bool(self.echo),
-            "logprobs": self.logprobs is not None,
             "suffix": bool(self.suffix),
             "logit_bias": bool(self.logit_bias),
         }
@@ -190,10 +195,17 @@ class CompletionRequest(OpenAISamplingFields):
         _check_prompt(prompt, settings)
         max_tokens = min(16, settings.max_new_tokens) if self.max_tokens is None else self.max_tokens
         _check_max_tokens(max_tokens, settings, "max_tokens")
+        if max_tokens == 0 and not self.echo:
+            raise APIError(422, "max_tokens 0 generates nothing: it is only allowed with echo (to score the prompt)",
+                           param="max_tokens", code="invalid_value")
         params = _openai_sampling(self)
         seed = random_seed() if self.seed is None else self.seed
+        # The prompt's logprobs when they are shown (echo + logprobs), or are the whole answer (max_tokens 0).
+        prompt_logprobs = None
+        if self.echo and (self.logprobs is not None or max_tokens == 0):
+            prompt_logprobs = self.logprobs or 0
         return GenerationSpec(prompt, max_tokens, params, seed, _stops(self.stop), max_tokens_param="max_tokens",
-                              model=self.model)
+                              model=self.model, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs)
 
 
 class ChatContentPart(BaseModel):
@@ -229,7 +241,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(OpenAISamplingFields):
     """POST /v1/chat/completions, the OpenAI chat shape (text only).
 
-    As with CompletionRequest, unknown fields are ignored and ones we cannot honour (n > 1, logprobs, tools,
+    As with CompletionRequest, unknown fields are ignored and ones we cannot honour (n > 1, tools,
     logit_bias, a non-text response_format) are refused with 400. Without max_tokens / max_completion_tokens
     the answer may use whatever room the context leaves, up to the server's bound.
     """
@@ -237,17 +249,16 @@ class ChatCompletionRequest(OpenAISamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES_CAP)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(False, description="each output token's log-probability (raw model distribution)")
+    top_logprobs: TopLogprobs | None = Field(None, description="with logprobs: this many most likely alternatives")
     logit_bias: dict[str, Any] | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="an end-user id, written to the access log")
 
     def _refuse_unsupported(self) -> None:
         self._refuse_common()
-        unsupported = {
-            "logprobs": bool(self.logprobs), "top_logprobs": bool(self.top_logprobs),
-            "logit_bias": bool(self.logit_bias),
-        }
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(422, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        unsupported = {"logit_bias": bool(self.logit_bias)}
         for name, bad in unsupported.items():
             if bad:
                 raise APIError(400, f"{name}={getattr(self, name)!r} is not supported by this server",
@@ -277,7 +288,7 @@ class ChatCompletionRequest(OpenAISamplingFields):
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec("", given or settings.max_new_tokens, params, seed, _stops(self.stop),
                               max_tokens_param=param, render=renderer(messages), clip_to_context=given is None,
-                              model=self.model)
+                              model=self.model, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 def openai_finish_reason(reason: str) -> str:

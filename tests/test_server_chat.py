@@ -55,7 +55,10 @@ def test_a_checkpoint_without_template_is_a_clear_400(tiny_checkpoint: Path) -> 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
     ({"n": 2}, 400, "n"),
-    ({"logprobs": True}, 400, "logprobs"),
+    ({"top_logprobs": 3}, 422, "top_logprobs"),  # needs logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),
+    ({"functions": [{"name": "f"}]}, 400, "functions"),
+    ({"tool_choice": "auto"}, 400, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),

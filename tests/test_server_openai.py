@@ -88,8 +88,13 @@ def test_openai_stop_and_lenient_fields(url: str) -> None:
 
 @pytest.mark.parametrize(("extra", "param", "status"), [
     ({"n": 2}, "n", 400),
-    ({"echo": True}, "echo", 400),
-    ({"logprobs": 1}, "logprobs", 400),
+    ({"logprobs": 21}, "logprobs", 422),
+    ({"logprobs": -1}, "logprobs", 422),
+    ({"max_tokens": 0}, "max_tokens", 422),  # 0 only with echo
+    ({"user": "u" * 257}, "user", 422),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", 400),
+    ({"functions": [{"name": "f"}]}, "functions", 400),
+    ({"tool_choice": "required"}, "tool_choice", 400),
     ({"prompt": ["a", "b"]}, "prompt", 400),
     ({"prompt": [1, 2, 3]}, "prompt", 400),
     ({"temperature": 3}, "temperature", 422),

@@ -23,6 +23,7 @@ from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_d
 from pocketgpt.app.engine.engine import Engine
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, PromptRenderer, wait_or_cancel
+from pocketgpt.app.logprob_format import chat_logprobs
 from pocketgpt.app.routes.openai import openai_chunks
 from pocketgpt.app.schemas import ChatCompletionRequest, openai_finish_reason
 from pocketgpt.model.chat import ChatTemplate
@@ -60,10 +61,14 @@ def _delta(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
 
 
 def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
+    tokenizer = generation.engine.tokenizer
+    asked = generation.ticket.request.logprobs is not None
     return openai_chunks(generation, include_usage, _head(generation, int(time.time()), chunk=True),
                          piece=lambda text: _delta({"content": text}, None),
                          finish=lambda reason: _delta({}, reason),
-                         opening=_delta({"role": "assistant", "content": ""}, None))
+                         opening=_delta({"role": "assistant", "content": ""}, None),
+                         logprobs=(lambda tokens: chat_logprobs(tokenizer, (t.logprob for t in tokens))) if asked
+                         else None)
 
 
 @router.post("/v1/chat/completions")
@@ -71,6 +76,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            ctx: AppContext = Depends(get_ctx)) -> Response:
     """OpenAI chat completions for one conversation."""
     spec = body.to_spec(ctx.settings, chat_renderer)
+    request.state.user = body.user
     generation = await start_generation(ctx, spec, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -79,9 +85,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     if result is None:
         return Response(status_code=499)
     message = {"role": "assistant", "content": result.text}
+    logprobs = chat_logprobs(generation.engine.tokenizer, result.logprobs) if result.logprobs is not None else None
     return JSONResponse({
         **_head(generation, int(time.time()), chunk=False),
-        "choices": [{"index": 0, "message": message, "logprobs": None,
+        "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                      "finish_reason": openai_finish_reason(result.finish_reason)}],
         "usage": result.openai_usage(),
     })

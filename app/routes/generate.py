@@ -1,7 +1,8 @@
 """POST /v1/generate: one JSON body, or server-sent events with `stream: true`.
 
 SSE events:
-    event: token   data: {"index": 0, "id": 123, "text": "Hel"}     one per sampled token (text may be "")
+    event: token   data: {"index": 0, "id": 123, "text": "Hel"}     one per sampled token (text may be ""); with
+                   `logprobs: K` also "logprob": {"id", "logprob", "top_logprobs": [{"id", "logprob"}] (K of them)}
     event: done    data: the same object as the non-stream response
     event: error   data: {"error": {...}}                          if the request fails after the stream began
 """
@@ -18,7 +19,7 @@ from sse_starlette import ServerSentEvent
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from pocketgpt.app.errors import APIError
-from pocketgpt.app.generation import Generation, wait_or_cancel
+from pocketgpt.app.generation import Generation, logprob_dict, wait_or_cancel
 from pocketgpt.app.schemas import GenerateRequest
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -31,7 +32,10 @@ def _dumps(data: object) -> str:
 async def _events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
     try:
         async for token in generation.tokens():
-            yield ServerSentEvent(_dumps({"index": token.index, "id": token.id, "text": token.text}), event="token")
+            data = {"index": token.index, "id": token.id, "text": token.text}
+            if token.logprob is not None:
+                data["logprob"] = logprob_dict(token.logprob)
+            yield ServerSentEvent(_dumps(data), event="token")
         yield ServerSentEvent(_dumps(generation.final().to_dict()), event="done")
     except APIError as exc:
         yield ServerSentEvent(_dumps(exc.body()), event="error")
