@@ -28,6 +28,7 @@ from pocketgpt.app.engine.types import (
     TokenEvent,
 )
 from pocketgpt.app.errors import APIError
+from pocketgpt.app.logprob_format import logprob_dict
 from pocketgpt.app.metrics import Metrics
 from pocketgpt.model.sampling import SamplingParams
 
@@ -143,11 +144,6 @@ class GenerationResult:
             body["logprobs"] = [logprob_dict(e) for e in self.logprobs]
         return body
 
-
-def logprob_dict(entry: Logprob) -> dict[str, Any]:
-    """/v1/generate's shape of one token's logprobs: ids, as the route's token events carry them."""
-    return {"id": entry.token, "logprob": entry.logprob,
-            "top_logprobs": [{"id": i, "logprob": lp} for i, lp in entry.top]}
 
 
 class Generation:

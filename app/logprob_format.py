@@ -34,6 +34,12 @@ def token_str(tokenizer: Tokenizer, token_id: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
+def logprob_dict(entry: Logprob) -> dict[str, Any]:
+    """/v1/generate's shape of one token's logprobs: token ids, as that route's token events carry them."""
+    return {"id": entry.token, "logprob": entry.logprob,
+            "top_logprobs": [{"id": i, "logprob": lp} for i, lp in entry.top]}
+
+
 class CompletionLogprobs:
     """Builds completions' `logprobs` objects ({tokens, token_logprobs, top_logprobs, text_offset}) for one
     choice, chunk after chunk: the text offsets run on across the chunks of a stream."""

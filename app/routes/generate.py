@@ -19,7 +19,8 @@ from sse_starlette import ServerSentEvent
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
 from pocketgpt.app.errors import APIError
-from pocketgpt.app.generation import Generation, logprob_dict, wait_or_cancel
+from pocketgpt.app.generation import Generation, wait_or_cancel
+from pocketgpt.app.logprob_format import logprob_dict
 from pocketgpt.app.schemas import GenerateRequest
 
 router = APIRouter(dependencies=[Depends(require_api_key)])

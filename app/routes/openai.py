@@ -71,14 +71,14 @@ async def openai_chunks(
             yield chunk(opening)
         async for token in generation.tokens():
             if echo is not None:
-                yield ServerSentEvent(dumps({**head, "choices": [echo()], **extra}))
+                yield chunk(echo())
                 echo = None
             pending.append(token)
             if token.text:  # a held-back token (half a character, a possible stop string) has nothing to show
                 yield chunk(piece(token.text))
         result = generation.final()
-        if echo is not None:
-            yield ServerSentEvent(dumps({**head, "choices": [echo()], **extra}))
+        if echo is not None:  # nothing generated (max_tokens 0)
+            yield chunk(echo())
         yield chunk(finish(openai_finish_reason(result.finish_reason)))
         if include_usage:
             yield ServerSentEvent(dumps({**head, "choices": [], "usage": result.openai_usage()}))
@@ -100,7 +100,8 @@ def _chunks(generation: Generation, include_usage: bool, body: CompletionRequest
 
     return openai_chunks(generation, include_usage, _head(generation, int(time.time())),
                          piece=lambda text: _choice(text, None), finish=lambda reason: _choice("", reason),
-                         logprobs=builder and (lambda tokens: builder.build((t.id, t.logprob) for t in tokens)),
+                         logprobs=(lambda tokens: builder.build((t.id, t.logprob) for t in tokens)) if builder
+                         else None,
                          echo=echo if body.echo else None)
 
 
