@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -193,3 +194,18 @@ def test_user_is_written_to_the_access_log_escaped(url: str, caplog: pytest.LogC
             time.sleep(0.01)
     line = next(m for m in caplog.messages if "user=" in m)
     assert "\n" not in line and "user=eve%20%22x%22\\nrid=forged" in line, line
+
+
+def test_a_request_with_logprobs_among_others_gets_the_tokens_it_gets_alone(url: str) -> None:  # noqa: F811
+    c = client(url)
+    prompts = ["The quick brown fox", "To be, or not", "床前明月光", "def add(a, b):"]
+
+    def ask(i: int, logprobs: int | None) -> str:
+        return c.completions.create(model="untied", prompt=prompts[i], max_tokens=12, temperature=0.9, seed=i,
+                                    logprobs=logprobs, echo=logprobs is not None).choices[0].text
+
+    alone = [ask(i, None) for i in range(len(prompts))]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda i: ask(i, 3 if i == 1 else None), range(len(prompts))))
+    assert together[1] == prompts[1] + alone[1]  # the one with logprobs (and echo)
+    assert together[:1] + together[2:] == alone[:1] + alone[2:]
