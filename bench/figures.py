@@ -34,6 +34,7 @@ DOCKER_E2E = ROOT / "docs" / "benchmarks" / "docker-e2e.json"  # POCKETGPT_E2E_T
 GQA = ROOT / "docs" / "benchmarks" / "gqa.json"  # python -m bench.gqa
 LORA = ROOT / "docs" / "benchmarks" / "lora.json"  # python -m bench.lora
 BUDGET = ROOT / "docs" / "benchmarks" / "budget.json"  # python -m bench.budget
+LOGPROBS = ROOT / "docs" / "benchmarks" / "logprobs.json"  # python -m bench.logprobs
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -348,6 +349,25 @@ def readme_budget(budget: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_logprobs(lp: dict[str, Any]) -> str:
+    """The README's cost of logprobs: decode throughput with rows asking, and scoring a prompt."""
+    dec, sc = lp["decode"], lp["scoring"]
+    src = f"[{rel(LOGPROBS)}]({rel(LOGPROBS)})"
+    load = ", ".join(f"{x:.1f}" for x in lp["machine"]["load_average"])
+    return "\n".join([
+        f"What they cost (`{lp['command'].strip()}` of {lp['started']}: in-process, the {lp['model']['n_layer']}"
+        f"×{lp['model']['n_embd']} headline model, vocab {num(lp['model']['vocab_size'])}, random weights, "
+        f"{lp['machine']['torch_threads']} threads on a shared machine, load average {load} at the start; medians of "
+        f"{lp['rounds']} rounds' ratios; from {src}):", "",
+        "| what | against the plain case, same run |", "| --- | --: |",
+        f"| {dec['streams']} greedy streams × {dec['new_tokens']} tokens, one asking for `logprobs: 5` | "
+        f"{dec['over_none']['one_top5']:.2f}x the tokens/s of none asking |",
+        f"| the same, every stream asking for `logprobs: 20` | {dec['over_none']['all_top20']:.2f}x |",
+        f"| scoring a {sc['prompt_tokens']}-token prompt (`echo`, `logprobs: 1`, `max_tokens: 0`) | "
+        f"{sc['logprobs_over_plain']:.2f}x the time of prefilling it plainly |",
+    ]) + "\n"
+
+
 def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
     results, soak, engine, budget = load(RESULTS), load(SOAK), load(ENGINE), load(BUDGET)
     first_token, docker_e2e = load(FIRST_TOKEN), load(DOCKER_E2E)
@@ -365,6 +385,9 @@ def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
     gqa, lora = load(GQA), load(LORA)
     if gqa is not None and lora is not None:
         blocks.append((README, "llama", lambda: readme_llama(gqa, lora)))
+    logprobs = load(LOGPROBS)
+    if logprobs is not None:
+        blocks.append((README, "logprobs", lambda: readme_logprobs(logprobs)))
     return blocks
 
 
