@@ -179,6 +179,8 @@ INFERENCE = [
     ("POST", "/v1/generate", {"json": {"prompt": "Hi", "max_new_tokens": 2}}, 200),
     ("POST", "/v1/completions", {"json": {"prompt": "Hi", "max_tokens": 2}}, 200),
     ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "Hi"}]}}, 400),
+    ("POST", "/v1/tokenize", {"json": {"prompt": "Hi"}}, 200),
+    ("POST", "/v1/detokenize", {"json": {"tokens": [1, 2]}}, 200),
     ("GET", "/v1/models", None, 200),
     ("GET", "/v1/models/{model_id}", None, 404),  # the literal "{model_id}" is no model's id
     ("GET", "/info", None, 200),
