@@ -27,7 +27,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.child import FULL_CORE, run_child  # noqa: E402
 from bench.common import thread_env  # noqa: E402
 
 DATA = Path(os.environ.get("POCKETGPT_BENCH_DATA", ROOT.parent / "shared" / "data"))  # where ../shared lives
@@ -79,17 +82,15 @@ def trainer_row(args: list[str], train: Path, val: Path, out: Path, budget: floa
     """One `pocketgpt train` run and its `pocketgpt eval` score."""
     cmd = [sys.executable, "-m", "pocketgpt.training", "train", "--data", str(train), "--max-time", str(budget),
            "--out", str(out), "--overwrite", "--device", "cpu", *args]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    proc = run_child(cmd, _env(threads), ROOT)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "train.log").write_text(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-3000:]}")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    ev = subprocess.run([sys.executable, "-m", "pocketgpt.training", "eval", "--checkpoint", str(out / "best"),
-                         "--data", str(val), "--json", "--max-tokens", str(10**9), "--n-prompts", "0",
-                         "--device", "cpu", "--batch-size", "16"],
-                        cwd=ROOT, env=_env(threads), capture_output=True, text=True)
+    ev = run_child([sys.executable, "-m", "pocketgpt.training", "eval", "--checkpoint", str(out / "best"),
+                    "--data", str(val), "--json", "--max-tokens", str(10**9), "--n-prompts", "0",
+                    "--device", "cpu", "--batch-size", "16"], _env(threads), ROOT)
     if ev.returncode != 0:
         raise RuntimeError(f"eval failed: {ev.stderr[-2000:]}")
     score = json.loads(ev.stdout)
@@ -109,8 +110,9 @@ def trainer_row(args: list[str], train: Path, val: Path, out: Path, budget: floa
     m = preset(cfg["preset"] or "small", **{k: cfg[k] for k in ("n_layer", "n_embd", "block_size") if cfg[k]})
     fpt = flops_per_token(start["params"], m.n_layer, m.n_embd, m.block_size)
     prep = _prep_seconds(proc.stderr)
-    return {"bpb": score["bits_per_byte"], "val_bytes": score["bytes"], "steps": end["step"], "reason": end["reason"],
-            "process_wall_s": wall, "prep_s": prep, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if tok_s else None,
+    return {**proc.record(threads), "bpb": score["bits_per_byte"], "val_bytes": score["bytes"], "steps": end["step"],
+            "reason": end["reason"], "process_wall_s": proc.wall_s, "prep_s": prep, "tokens_per_s": tok_s,
+            "mfu": tok_s * fpt / peak if tok_s else None,
             "params": start["params"], "tokens_seen": last.get("tokens_seen", 0), "plan": plan,
             "shape": {"n_layer": m.n_layer, "n_embd": m.n_embd, "block_size": m.block_size,
                       "vocab": cfg["tokenizer_vocab"], "batch_size": cfg["batch_size"],
@@ -124,51 +126,84 @@ def _prep_seconds(stderr: str) -> float | None:
     return None
 
 
-def nanogpt_row(train: Path, val: Path, budget: float, threads: int, peak: float) -> dict[str, Any]:
-    from bench.train import nanogpt_reference
-
-    ref = nanogpt_reference(seconds=budget, threads=threads, max_steps=2000, eval_every=10**9,
-                            texts=(train.read_text(encoding="utf-8"), val.read_text(encoding="utf-8")))
+def nanogpt_row(train: Path, val: Path, out: Path, budget: float, threads: int, peak: float) -> dict[str, Any]:
+    result = out / "nanogpt.json"
+    out.mkdir(parents=True, exist_ok=True)
+    proc = run_child([sys.executable, "-m", "bench.child", "nanogpt", str(train), str(val), str(budget), str(threads),
+                      str(result)], _env(threads), ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nanoGPT loop failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    ref = json.loads(result.read_text())
     tok_s = ref["tokens_per_s"]
-    return {"bpb": ref["val_bpb"], "steps": ref["steps"], "process_wall_s": ref["wall_s"], "tokens_per_s": tok_s,
+    return {**proc.record(threads), "bpb": ref["val_bpb"], "steps": ref["steps"], "process_wall_s": ref["wall_s"],
+            "tokens_per_s": tok_s,
             "mfu": tok_s * ref["flops_per_token"] / peak if tok_s else None, "params": ref["params"],
             "shape": {"n_layer": 4, "n_embd": 128, "block_size": 64, "vocab": ref["vocab"], "batch_size": 12}}
 
 
+def one_row(args: argparse.Namespace, corpus: str, config: str, budget: float, train: Path, val: Path,
+            peak: float) -> dict[str, Any]:
+    """One contender on one corpus at one budget, with the load and the share of a core it got."""
+    load_before = os.getloadavg()
+    out = args.work / f"{corpus}-{budget:g}-{config}"
+    if config == "nanogpt":
+        row = nanogpt_row(train, val, out, budget, args.threads, peak)
+    else:
+        flags = PREVIOUS if config == "previous" else args.set
+        row = trainer_row(flags, train, val, out, budget, args.threads, peak)
+    row.update(corpus=corpus, budget_s=budget, config=config, load_before=load_before, load_after=os.getloadavg(),
+               parallel_jobs=args.jobs)
+    print(f"{corpus:12s} {budget:5g} s {config:9s} {row['bpb']:.3f} bpb  {row['tokens_per_s'] or 0:8,.0f} tok/s  "
+          f"cpu/wall {row['cpu_per_wall']:.2f}  nice {row['niceness']}  load {load_before[0]:.1f}", flush=True)
+    return row
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from bench.train import matmul_peak
-
-    torch.set_num_threads(args.threads)
-    peak = matmul_peak(args.threads)
+    # the machine's fp32 matmul rate, measured at the same priority and threads as the contenders
+    probe = run_child([sys.executable, "-c", f"from bench.train import matmul_peak; print(matmul_peak({args.threads}))"],
+                      _env(args.threads), ROOT)
+    if probe.returncode != 0:
+        raise RuntimeError(f"matmul probe failed: {probe.stderr[-2000:]}")
+    peak = float(probe.stdout.split()[-1])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit.stdout.strip(),
         "threads": args.threads, "cores": os.cpu_count(), "matmul_peak_gflops": peak / 1e9,
         "load_average_start": os.getloadavg(), "extra_flags": args.set, "rows": [],
     }
-    for corpus in args.corpora:
+    lock = threading.Lock()
+
+    def one_corpus(corpus: str) -> None:
         train, val = split_corpus(corpus, args.work)
         for budget in args.budgets:
             for config in args.configs:
-                load_before = os.getloadavg()
-                out = args.work / f"{corpus}-{budget:g}-{config}"
-                if config == "nanogpt":
-                    row = nanogpt_row(train, val, budget, args.threads, peak)
-                else:
-                    flags = PREVIOUS if config == "previous" else args.set
-                    row = trainer_row(flags, train, val, out, budget, args.threads, peak)
-                row.update(corpus=corpus, budget_s=budget, config=config, load_before=load_before,
-                           load_after=os.getloadavg())
-                results["rows"].append(row)
-                print(f"{corpus:12s} {budget:5g} s {config:9s} {row['bpb']:.3f} bpb  {row['tokens_per_s'] or 0:8,.0f} "
-                      f"tok/s  load {load_before[0]:.1f}", flush=True)
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a stop
+                row = one_row(args, corpus, config, budget, train, val, peak)
+                with lock:
+                    results["rows"].append(row)
+                    results["rows"].sort(key=lambda r: (args.corpora.index(r["corpus"]), r["budget_s"],
+                                                        CONFIGS.index(r["config"])))
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a stop
+
+    # --jobs 2: the corpora side by side, each child on its own core (its cpu/wall in the row shows it did)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one_corpus, args.corpora))
     results["load_average_end"] = os.getloadavg()
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _core_share(row: dict[str, Any]) -> str:
+    """cpu/wall of a row, flagged when the run had less than a core (older result files: not measured)."""
+    share = row.get("cpu_per_wall")
+    if share is None:
+        return "–"
+    return f"{share:.2f}" if share >= FULL_CORE else f"**{share:.2f} (< {FULL_CORE})**"
+
+
+def _niceness(rows: list[dict[str, Any]]) -> str:
+    values = sorted({r["niceness"] for r in rows if "niceness" in r})
+    return "/".join(str(v) for v in values) if values else "not recorded"
 
 
 def markdown_section(results: dict[str, Any], json_rel: str) -> list[str]:
@@ -179,13 +214,16 @@ def markdown_section(results: dict[str, Any], json_rel: str) -> list[str]:
         BEGIN, "## Training within a time budget", "",
         f"`python -m bench.budget` ({results['started']}, commit {results['commit']}, {results['threads']} threads on "
         f"{results['cores']} cores; fp32 matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s). Load average at "
-        f"the start {', '.join(f'{x:.1f}' for x in results['load_average_start'])}: **other processes shared the "
-        "machine, so these wall-clock budgets bought less training than on an idle one**; each row's 1-minute "
-        f"load is listed. Raw figures: [{json_rel}]({json_rel}). Held-out bits per byte (lower is better), every "
-        "byte of the held-out part scored.",
+        f"the start {', '.join(f'{x:.1f}' for x in results['load_average_start'])}; each row's 1-minute load is "
+        "listed. Every contender ran as its own process at niceness "
+        f"{_niceness(rows)} with one thread, so it took about a core from nice-0 neighbours: `cpu/wall` is the "
+        "child's own CPU time (getrusage) over its wall time, per thread (1.00 = a whole core; **below "
+        f"{FULL_CORE} the run got less than a core and its budget bought less training**). Raw figures: "
+        f"[{json_rel}]({json_rel}). Held-out bits per byte (lower is better), every byte of the held-out part scored.",
         "",
-        "| corpus | budget | contender | bits/byte | vs nanoGPT | steps | tokens/s | MFU | params | shape | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| corpus | budget | contender | bits/byte | vs nanoGPT | steps | tokens/s | MFU | params | shape | cpu/wall | "
+        "load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = by.get((r["corpus"], r["budget_s"], "nanogpt"))
@@ -195,7 +233,7 @@ def markdown_section(results: dict[str, Any], json_rel: str) -> list[str]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "–"
         lines.append(f"| {r['corpus']} | {r['budget_s']:g} s | {r['config']} | {r['bpb']:.3f} | {ratio} | "
                      f"{r['steps']} | {r['tokens_per_s'] or 0:,.0f} | {mfu} | {r['params']:,} | {shape} | "
-                     f"{r['load_before'][0]:.1f} |")
+                     f"{_core_share(r)} | {r['load_before'][0]:.1f} |")
     lines += ["", "Targets (set for an idle 2-core machine):", ""]
     for (corpus, budget), limit in TARGETS.items():
         r = by.get((corpus, budget, "new"))
@@ -277,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="FLAG", help="extra trainer flags for `new` (trials)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads of every contender (2; on a machine other jobs keep busy, 1 is faster)")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                   help="corpora run side by side (2: one child per core; check each row's cpu/wall)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "budget")
     p.add_argument("--json", type=Path, default=RESULT)
     p.add_argument("--markdown", type=Path, default=MARKDOWN)
