@@ -160,8 +160,8 @@ def one_row(args: argparse.Namespace, corpus: str, config: str, budget: float, t
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # the machine's fp32 matmul rate, measured at the same priority and threads as the contenders
-    probe = run_child([sys.executable, "-c", f"from bench.train import matmul_peak; print(matmul_peak({args.threads}))"],
-                      _env(args.threads), ROOT)
+    code = f"from bench.train import matmul_peak; print(matmul_peak({args.threads}))"
+    probe = run_child([sys.executable, "-c", code], _env(args.threads), ROOT)
     if probe.returncode != 0:
         raise RuntimeError(f"matmul probe failed: {probe.stderr[-2000:]}")
     peak = float(probe.stdout.split()[-1])
