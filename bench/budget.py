@@ -265,23 +265,24 @@ def trials_section(rel_dir: Path) -> list[str]:
     if not files:
         return []
     lines = ["Variants tried (`python -m bench.budget --configs new --set FLAGS --json docs/benchmarks/budget-trials/"
-             "NAME.json --no-markdown`), one run each, in the order listed; compare with `baseline`, run among them:",
-             "", "| trial | flags | corpus | budget | bits/byte | steps | tokens/s | load | file |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "NAME.json --no-markdown`), one run each, in the order listed:",
+             "", "| trial | flags | corpus | budget | contender | bits/byte | steps | tokens/s | cpu/wall | load | "
+             "file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in files:
         data = json.loads(f.read_text())
         for r in data["rows"]:
-            lines.append(f"| {f.stem} | `{' '.join(data.get('extra_flags') or []) or '(none)'}` | {r['corpus']} | "
-                         f"{r['budget_s']:g} s | {r['bpb']:.3f} | {r['steps']} | {r['tokens_per_s'] or 0:,.0f} | "
+            flags = " ".join(data.get("extra_flags") or []) if r["config"] == "new" else ""
+            lines.append(f"| {f.stem} | `{flags or '(none)'}` | {r['corpus']} | {r['budget_s']:g} s | {r['config']} | "
+                         f"{r['bpb']:.3f} | {r['steps']} | {r['tokens_per_s'] or 0:,.0f} | {_core_share(r)} | "
                          f"{r['load_before'][0]:.1f} | [{f.name}]({rel_dir / 'budget-trials' / f.name}) |")
-    lines += ["", "Under this load, throughput moved 2-3x between runs, so single runs that differ in tokens/s do not "
-              "compare settings: only back-to-back pairs do. From the pairs 5-6 (Tang, vocabulary) and 2/7 "
-              "(Shakespeare, 2x96 against 4x128) the planner's CJK vocabulary cap (8 types per dimension) and its "
-              "target of 0.5 tokens per parameter were set after the table above was measured; schedule shape and "
-              "peak LR (1, 3) were inconclusive and stay as they were. Trials 8-10 ran the current rules: on "
-              "Shakespeare the probe still measured 4x128 slower than it then trains (each file holds its plan), "
-              "so the planner kept 2x96 there. Rerun `python -m bench.budget` on an idle machine to measure the "
-              "current rules."]
+    lines += ["", "Trials 1-10 ran at niceness 0 under a load of 4-10: throughput moved 2-3x between runs, so only "
+              "back-to-back pairs compare there. From trial 11 on, every run is a niceness -20 child in its own "
+              "scheduling group and got about a core (cpu/wall), so rows compare across the session: 11 is the "
+              "planner's defaults of that time, 12 the nanoGPT-style loop, 13-18 one change each (then combined) "
+              "against 11. Kept from them: a lower peak learning rate (17 against 13 and 11), batch 8 (14, 18), and "
+              "whole CJK characters, a vocabulary of 32 types per dimension on Chinese (16 against 13 and 11); not "
+              "kept: a wider model (15), a longer decay (16). See bench/analysis.md for the reasoning."]
     return [*lines, ""]
 
 

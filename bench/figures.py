@@ -337,9 +337,15 @@ def readme_budget(budget: dict[str, Any]) -> str:
     for r in budget["rows"]:
         rows.setdefault((r["corpus"], r["budget_s"]), {})[r["config"]] = r["bpb"]
     load_avg = budget["load_average_start"][0]
+    shares = [r["cpu_per_wall"] for r in budget["rows"] if "cpu_per_wall" in r]
+    if shares:  # every contender a high-priority child: how much of a core the least served one got
+        how = (f"each contender its own process at niceness {budget['rows'][0].get('niceness', 0)} on a machine at "
+               f"load average {load_avg:.1f}; it got {min(shares):.2f} to {max(shares):.2f} of a core (CPU time over "
+               "wall time, per row in the JSON)")
+    else:
+        how = f"load average {load_avg:.1f} at the start: a shared machine, so the budgets bought less training"
     lines = [f"Held-out bits per byte (lower is better) from [{rel(BUDGET)}]({rel(BUDGET)}) (`python -m bench.budget`, "
-             f"{budget['threads']} thread(s), load average {load_avg:.1f} at the start: a shared machine, so the "
-             "budgets bought less training than on an idle one):", "",
+             f"{budget['threads']} thread(s), {how}):", "",
              "| corpus | budget | defaults (`--data --max-time` only) | previous defaults | nanoGPT-style loop |",
              "| --- | --: | --: | --: | --: |"]
     for (corpus, seconds), by in rows.items():
