@@ -2,7 +2,8 @@
 
     python -m bench.budget                                   # 60, 130 and 600 s; Shakespeare and Tang poems
     python -m bench.budget --budgets 60 130 --corpora tang   # a subset
-    python -m bench.budget --configs new --set lr=4e-3       # a variant of the new defaults (a trial)
+    python -m bench.budget --configs new --set "--lr 4e-3"   # a variant of the new defaults (a trial)
+    python -m bench.budget --threads 1 --jobs 2              # both corpora at once, one core each
 
 For each corpus, budget and contender, one after the other on the same threads:
 - `new`: `pocketgpt train --data train.txt --max-time T` and nothing else (the planner, the time schedule);
@@ -15,8 +16,12 @@ table takes no time. Every side is scored the same way: `pocketgpt eval --checkp
 
 Splits: Tiny Shakespeare, the first 90% of the bytes / the last 10%; Tang poems, the first 90% of the poems
 (blank-line separated) / the last 10%. tokens/s is the mean over the training loop; MFU = tokens/s x training
-FLOPs per token (6 N + 12 L T C) / the machine's measured fp32 matmul rate at the same thread count. The load
-average is recorded with every row: other processes on the machine slow the runs down (the budget is wall time).
+FLOPs per token (6 N + 12 L T C) / the machine's measured fp32 matmul rate at the same thread count.
+
+A budget is wall time, so on a shared machine it buys what the neighbours leave. Every contender (and the matmul
+probe) therefore runs as a child at niceness -20 in its own scheduling group (bench/child.py), and each row records
+the niceness, the load average and the child's CPU time over its wall time (getrusage): about 1.0 per thread means
+it had its cores; the table flags rows below 0.9. `--jobs 2` runs the corpora side by side (2 cores, 1 thread each).
 Results: docs/benchmarks/budget.json and a section of docs/benchmarks.md (bench/report.py keeps it).
 """
 
