@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bench import budget
+from bench import budget_report
 from bench.child import FULL_CORE, run_child
 
 BUSY = "import os, sys; sum(i * i for i in range(300_000)); print(os.getpriority(os.PRIO_PROCESS, 0)); sys.exit(3)"
@@ -23,6 +23,6 @@ def test_child_runs_at_the_highest_priority_allowed_and_reports_its_own_cpu_time
 
 
 def test_a_row_that_got_less_than_a_core_is_flagged_in_the_table() -> None:
-    assert budget._core_share({"cpu_per_wall": 0.97}) == "0.97"
-    assert budget._core_share({"cpu_per_wall": 0.5}) == f"**0.50 (< {FULL_CORE})**"
-    assert budget._core_share({}) == "–"  # a result file from before the measurement
+    assert budget_report._core_share({"cpu_per_wall": 0.97}) == "0.97"
+    assert budget_report._core_share({"cpu_per_wall": 0.5}) == f"**0.50 (< {FULL_CORE})**"
+    assert budget_report._core_share({}) == "–"  # a result file from before the measurement
