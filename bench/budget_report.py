@@ -102,17 +102,18 @@ def trials_section(rel_dir: Path) -> list[str]:
             lines.append(f"| {f.stem} | `{flags or '(none)'}` | {r['corpus']} | {r['budget_s']:g} s | {r['config']} | "
                          f"{r['bpb']:.3f} | {r['steps']} | {r['tokens_per_s'] or 0:,.0f} | {_core_share(r)} | "
                          f"{r['load_before'][0]:.1f} | [{f.name}]({rel_dir / 'budget-trials' / f.name}) |")
-    lines += ["", "Trials 01-10 ran at niceness 0 on a loaded machine (their load column): throughput moved several-fold "
-              "between runs, so only back-to-back pairs compare there. From trial 11 on, every run is a niceness -20 "
-              "child in its own scheduling group and got about a core (cpu/wall), so rows compare across the "
-              "session: 11 is the planner's defaults of that time, 12 the nanoGPT-style loop, 13-19 one change "
-              "each, then combined, against 11. Kept: a lower peak learning rate (17 against 11 and 13; 19 went "
-              "lower still, a wash on Shakespeare and worse on Tang, so 18's rate stays), batch 8 (14, 18), and "
-              "whole CJK characters, 32 vocabulary types per dimension on Chinese (16 against 13 and 11). Not kept: "
-              "a wider model (15), a longer decay (16). The table above ran after these rules were in. Even with a "
-              "core each, the same settings did not run at the same tokens/s twice (the machine is a shared virtual "
-              "one: compare trial 18 on Tang with the table's Tang 130 s row, same plan), so differences of a few "
-              "hundredths of a bit per byte between single runs are within noise; each trial is one run."]
+    lines += ["",
+              "Trials 01-10 ran at niceness 0 on a loaded machine (their load column): throughput moved several-"
+              "fold between runs, so only back-to-back pairs compare there. From trial 11 on, every run is a "
+              "niceness -20 child in its own scheduling group and got about a core (cpu/wall), so rows compare "
+              "across the session: 11 is the planner's defaults of that time, 12 the nanoGPT-style loop, 13-19 one "
+              "change each, then combined, against 11. Kept: a lower peak learning rate (17 against 11 and 13; 19 "
+              "went lower still, a wash on Shakespeare and worse on Tang, so 18's rate stays), batch 8 (14, 18), "
+              "and whole CJK characters, 32 vocabulary types per dimension on Chinese (16 against 13 and 11). Not "
+              "kept: a wider model (15), a longer decay (16). The table above ran after these rules were in. Even "
+              "with a core each, the same settings did not run at the same tokens/s twice (the machine is a shared "
+              "virtual one: compare trial 18 on Tang with the table's Tang 130 s row, same plan), so differences of"
+              " a few hundredths of a bit per byte between single runs are within noise; each trial is one run."]
     return [*lines, ""]
 
 
