@@ -13,6 +13,7 @@ from pocketgpt.training.cli import main
 from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.metrics import RECORD_FIELDS, read_metrics
 from pocketgpt.training.planner import (
+    BASE_LR,
     CPU_LADDER,
     GPU_LADDER,
     PLANNED_FIELDS,
@@ -161,3 +162,13 @@ def test_a_preset_turns_the_planner_off(tmp_path: Path, fixed_probe) -> None:
     assert main(["train", "--data", str(corpus), "--device", "cpu", "--preset", "tiny", "--block-size", "16",
                  "--tokenizer-vocab", "300", "--max-steps", "1", "--out", str(out)]) == 0
     assert "plan" not in load_checkpoint(out / "last").meta
+
+
+def test_cpu_plans_batch_8_and_the_measured_learning_rate() -> None:
+    cpu = plan_for(1_000_000)["values"]
+    assert cpu["batch_size"] == 8  # more optimizer steps for the same tokens (budget-trials 14, 18)
+    assert cpu["lr"] == pytest.approx(BASE_LR["cpu"] * (128 / cpu["n_embd"]) ** 0.5, abs=1e-5)
+    assert cpu["min_lr"] == pytest.approx(cpu["lr"] / 10, abs=1e-6)
+    gpu = plan_for(10_000_000, budget=600, device="cuda", flops=1e13)["values"]
+    assert gpu["lr"] == pytest.approx(BASE_LR["cuda"] * (128 / gpu["n_embd"]) ** 0.5, abs=1e-5)
+    assert BASE_LR["cpu"] < BASE_LR["cuda"]
