@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.grammar import Constraint, GrammarError, GrammarSpec
 from pocketgpt.app.engine.holder import EngineHolder
 from pocketgpt.app.engine.types import DoneEvent, EngineClosed, ErrorEvent, GenRequest, QueueFull, Ticket, TokenEvent
 from pocketgpt.app.errors import APIError
@@ -45,6 +46,8 @@ class GenerationSpec:
     render: PromptRenderer | None = None  # None: the prompt is `prompt`, encoded as text
     clip_to_context: bool = False  # lower max_new_tokens to the room the prompt leaves (max_tokens not given)
     model: str | None = None  # the model the client named (OpenAI routes); None: whichever is served
+    grammar: GrammarSpec | None = None  # structured output: the output must match it
+    grammar_param: str = "response_format"  # the field to blame when the grammar cannot be compiled
 
 
 def model_names(served: str) -> tuple[str, ...]:
@@ -54,18 +57,35 @@ def model_names(served: str) -> tuple[str, ...]:
     return (served, run) if run and leaf in ("best", "last") else (served,)
 
 
-# What `prepare` computed for one engine: (engine, (prompt ids, extra stop ids, healed bytes)).
-Prepared = tuple[Engine, tuple[list[int], tuple[int, ...], bytes]]
+# What `encode_prompt` computes for one engine: prompt ids, extra stop ids, healed bytes, the grammar's matcher.
+Encoded = tuple[list[int], tuple[int, ...], bytes, Constraint | None]
+Prepared = tuple[Engine, Encoded]  # what `prepare` computed, and for which engine
 
 
-def encode_prompt(engine: Engine, spec: GenerationSpec) -> tuple[list[int], tuple[int, ...], bytes]:
-    """Prompt ids for `engine` (rendered chat messages, or the text prompt), extra stop ids, and healed bytes."""
+def encode_prompt(engine: Engine, spec: GenerationSpec) -> Encoded:
+    """Prompt ids for `engine` (rendered chat messages, or the text prompt), extra stop ids, healed bytes and the
+    structured-output constraint compiled for its tokenizer (400 if it cannot be compiled)."""
+    constraint = compile_constraint(engine, spec)
     if spec.render:
         ids, stop_ids = spec.render(engine)
-        return ids, stop_ids, b""
+        return ids, stop_ids, b"", constraint
     # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
-    ids, heal = engine.tokenizer.heal_prompt(engine.tokenizer.encode_prompt(spec.prompt, allow_special=False))
-    return ids, (), heal
+    ids = engine.tokenizer.encode_prompt(spec.prompt, allow_special=False)
+    if constraint is not None:  # no token healing: the grammar, not the healed bytes, says what comes first
+        return ids, (), b"", constraint
+    ids, heal = engine.tokenizer.heal_prompt(ids)
+    return ids, (), heal, None
+
+
+def compile_constraint(engine: Engine, spec: GenerationSpec) -> Constraint | None:
+    """A fresh matcher for the spec's grammar (compiled once per grammar and engine, then cached), or None."""
+    if spec.grammar is None:
+        return None
+    try:
+        return engine.grammars.constraint(spec.grammar)
+    except GrammarError as exc:
+        raise APIError(400, f"{spec.grammar_param} cannot be used for structured output: {str(exc)[:1000]}",
+                       param=spec.grammar_param, code="invalid_grammar") from None
 
 
 async def prepare(holder: EngineHolder, spec: GenerationSpec) -> Prepared | None:
@@ -159,9 +179,9 @@ class Generation:
                 raise APIError(503, "the model is not loaded yet", code="model_not_ready")
             check_model(spec.model, engine.name)
             if prepared is not None and prepared[0] is engine:
-                ids, stop_ids, heal = prepared[1]
+                ids, stop_ids, heal, constraint = prepared[1]
             else:
-                ids, stop_ids, heal = encode_prompt(engine, spec)
+                ids, stop_ids, heal, constraint = encode_prompt(engine, spec)
             n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
             if spec.clip_to_context and n < limit:
                 m = min(m, limit - n)
@@ -170,7 +190,8 @@ class Generation:
                     422, f"prompt is {n} tokens and {spec.max_tokens_param} is {m}: {n + m} tokens exceed the "
                     f"model's context length of {limit}", param="prompt" if n >= limit else spec.max_tokens_param,
                     code="context_length_exceeded")
-            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids, heal=heal)
+            request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids, heal=heal,
+                                 constraint=constraint)
             try:
                 ticket = engine.submit(request)
             except EngineClosed:

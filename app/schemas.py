@@ -8,10 +8,11 @@ is still a valid float), and NaN or infinite numbers are refused as not finite.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pocketgpt.app.engine.grammar import ANY_OBJECT, GrammarKind, GrammarSpec
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import GenerationSpec, PromptRenderer, random_seed
 from pocketgpt.app.settings import Settings
@@ -50,6 +51,50 @@ def _check_max_tokens(value: int, settings: Settings, param: str) -> None:
                        param=param, code="max_tokens_too_large")
 
 
+def _grammar(kind: GrammarKind, value: str | dict[str, Any], settings: Settings, param: str) -> GrammarSpec:
+    """The constraint, refused with 422 when larger than the server allows (its compile cost grows with it)."""
+    spec = GrammarSpec.json_schema(value) if isinstance(value, dict) else GrammarSpec(kind, value)
+    size = len(spec.source.encode())
+    if size > settings.max_schema_bytes:
+        raise APIError(422, f"{param} is {size} bytes; the limit is {settings.max_schema_bytes}", param=param,
+                       code="schema_too_large")
+    return spec
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`, as OpenAI's structured outputs take it."""
+
+    model_config = ConfigDict(STRICT, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the schema's name")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema the output must "
+                                           "validate against; absent: any JSON object")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self, settings: Settings) -> GrammarSpec | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return GrammarSpec("json_schema", ANY_OBJECT)
+        if self.json_schema is None:
+            raise APIError(422, "response_format.json_schema is required when type is json_schema",
+                           param="response_format.json_schema", code="invalid_value")
+        schema = self.json_schema.schema_
+        if schema is None:
+            return GrammarSpec("json_schema", ANY_OBJECT)
+        return _grammar("json_schema", schema, settings, "response_format.json_schema")
+
+
 class GenerateRequest(BaseModel):
     """POST /v1/generate."""
 
@@ -66,9 +111,23 @@ class GenerateRequest(BaseModel):
     stop: StopString | StopList | None = Field(None, description="up to 4 strings that end the output")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="echoed back; random when absent")
     stream: bool = Field(False, description="server-sent events instead of one JSON body")
+    regex: str | None = Field(None, min_length=1, description="structured output: the output matches this regex "
+                              "(Rust regex syntax, anchored at both ends)")
+    json_schema: dict[str, Any] | None = Field(None, description="structured output: the output is JSON that "
+                                               "validates against this schema")
+    grammar: str | None = Field(None, min_length=1, description="structured output: the output matches this Lark "
+                                "grammar (llguidance's dialect)")
+
+    def _grammar(self, settings: Settings) -> GrammarSpec | None:
+        given = [name for name in ("regex", "json_schema", "grammar") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise APIError(422, f"give at most one of regex, json_schema and grammar, not {' and '.join(given)}",
+                           param=given[1], code="invalid_value")
+        return _grammar(given[0], getattr(self, given[0]), settings, given[0]) if given else None
 
     def to_spec(self, settings: Settings) -> GenerationSpec:
         _check_prompt(self.prompt, settings)
+        grammar = self._grammar(settings)
         # The default (64) never exceeds the server's bound: only a value the client sent is refused.
         max_new = self.max_new_tokens if "max_new_tokens" in self.model_fields_set else \
             min(self.max_new_tokens, settings.max_new_tokens)
@@ -79,7 +138,8 @@ class GenerateRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
         )
         seed = random_seed() if self.seed is None else self.seed
-        return GenerationSpec(self.prompt, max_new, params, seed, _stops(self.stop))
+        return GenerationSpec(self.prompt, max_new, params, seed, _stops(self.stop), grammar=grammar,
+                              grammar_param="regex" if grammar is None else grammar.kind)
 
 
 def _openai_sampling(body: OpenAISamplingFields) -> SamplingParams:
@@ -102,7 +162,8 @@ class StreamOptions(BaseModel):
 
 class OpenAISamplingFields(BaseModel):
     """Fields shared by the OpenAI completions and chat shapes. Unknown fields are accepted and ignored; fields
-    that would change the answer's shape and are not supported (tools, response_format) are refused."""
+    that would change the answer's shape and are not supported (tools, functions) are refused. `response_format`
+    (json_object, json_schema) constrains the output through `app.engine.grammar`."""
 
     model_config = ConfigDict(STRICT, extra="allow")
 
@@ -123,18 +184,21 @@ class OpenAISamplingFields(BaseModel):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = Field(None, description="structured output: json_object (any JSON "
+                                                   "object) or json_schema (JSON matching a schema)")
+
+    def _grammar(self, settings: Settings) -> GrammarSpec | None:
+        return None if self.response_format is None else self.response_format.grammar(settings)
 
     def _refuse_common(self) -> None:
         """400 for what this server cannot honour on either route (raised before anything is admitted)."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
                            code="invalid_value")
-        fmt = (self.response_format or {}).get("type", "text")
         unsupported = {
             "n": self.n not in (None, 1), "tools": bool(self.tools), "functions": bool(self.functions),
             "tool_choice": self.tool_choice not in (None, "none"),
-            "function_call": self.function_call not in (None, "none"), "response_format": fmt != "text",
+            "function_call": self.function_call not in (None, "none"),
         }
         for name, bad in unsupported.items():
             if bad:
@@ -193,7 +257,8 @@ class CompletionRequest(OpenAISamplingFields):
         params = _openai_sampling(self)
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec(prompt, max_tokens, params, seed, _stops(self.stop), max_tokens_param="max_tokens",
-                              model=self.model)
+                              model=self.model, grammar=self._grammar(settings),
+                              grammar_param="response_format.json_schema")
 
 
 class ChatContentPart(BaseModel):
@@ -230,7 +295,7 @@ class ChatCompletionRequest(OpenAISamplingFields):
     """POST /v1/chat/completions, the OpenAI chat shape (text only).
 
     As with CompletionRequest, unknown fields are ignored and ones we cannot honour (n > 1, logprobs, tools,
-    logit_bias, a non-text response_format) are refused with 400. Without max_tokens / max_completion_tokens
+    logit_bias) are refused with 400. Without max_tokens / max_completion_tokens
     the answer may use whatever room the context leaves, up to the server's bound.
     """
 
@@ -277,7 +342,8 @@ class ChatCompletionRequest(OpenAISamplingFields):
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec("", given or settings.max_new_tokens, params, seed, _stops(self.stop),
                               max_tokens_param=param, render=renderer(messages), clip_to_context=given is None,
-                              model=self.model)
+                              model=self.model, grammar=self._grammar(settings),
+                              grammar_param="response_format.json_schema")
 
 
 def openai_finish_reason(reason: str) -> str:

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(32_000, ge=1, description="upper bound for a prompt's length in characters "
                                   "(for chat: the messages' content together)")
     max_messages: int = Field(256, ge=1, le=2048, description="upper bound for a chat request's number of messages")
+    max_schema_bytes: int = Field(16_384, ge=1, description="upper bound for a structured-output constraint: a "
+                                  "JSON schema (as compact JSON), a regex or a grammar, in bytes")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit (413 beyond)")
     request_timeout: float = Field(300.0, gt=0, description="seconds from admission to the last token")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
@@ -120,6 +122,7 @@ class Settings(BaseSettings):
             "max_new_tokens": self.max_new_tokens,
             "max_prompt_chars": self.max_prompt_chars,
             "max_messages": self.max_messages,
+            "max_schema_bytes": self.max_schema_bytes,
             "max_body_bytes": self.max_body_bytes,
             "request_timeout": self.request_timeout,
             "prefill_chunk": self.prefill_chunk,

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pocketgpt.app.engine.grammar import GrammarCache
 from pocketgpt.app.engine.output import Output
 from pocketgpt.app.engine.plan import StepPlan
 from pocketgpt.app.engine.prefix_cache import PrefixIndex
@@ -66,6 +67,7 @@ class Engine:
         self.runner = runner(checkpoint.model, checkpoint.tokenizer, max_running, decode_graphs=decode_graphs,
                              prefix_blocks=prefix_blocks, prefix_block=prefix_block)
         self.tokenizer = checkpoint.tokenizer
+        self.grammars = GrammarCache(self.tokenizer)  # structured output's compiled grammars (llguidance, lazily)
         self.config = checkpoint.config
         self.meta = checkpoint.meta
         self.path = checkpoint.path
@@ -221,7 +223,8 @@ class Engine:
                 if self.scheduler.prefix is not None or self.spec_tokens > 0:
                     seq.history = list(req.prompt_ids)
                 # Drafts are verified greedily: only requests whose sampler is argmax may draft.
-                if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized:
+                # Constrained rows never draft: a draft is checked against the model, not against the grammar.
+                if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized and req.constraint is None:
                     seq.drafter = self._drafter(seq.history, self.spec_tokens)
                 self.scheduler.add(seq)
             elif item[0] == "cancel":

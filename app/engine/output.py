@@ -1,8 +1,9 @@
 """Delivery: sampled tokens in, events on each request's asyncio queue out.
 
 Per token it releases the text that is safe to send (whole UTF-8 characters, no possible stop-string start),
-ends a request on end-of-text, a stop token, a stop string or its length, frees its slot, and counts how it
-finished. Events are collected during a loop turn and handed over in one thread-safe call per event loop.
+ends a request on end-of-text, a stop token, a stop string, its length or a complete structured output, frees
+its slot, and counts how it finished. Events are collected during a loop turn and handed over in one
+thread-safe call per event loop.
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ class Output:
             text, stop = seq.text.finish()
             reason: FinishReason | None = "stop_sequence" if stop else "eos"
         else:
+            constraint = seq.request.constraint
+            if constraint is not None and not constraint.advance(token):  # the mask makes this a bug, not input
+                self.fail(seq, 500, f"structured output failed: {constraint.error}", "constraint_error")
+                return True
+            complete = constraint is not None and constraint.done  # the grammar takes nothing more: the end
             text, stop = seq.text.push(token)
             reason = "stop_sequence" if stop else None
-            if reason is None and seq.generated >= seq.request.max_new_tokens:
+            if reason is None and (complete or seq.generated >= seq.request.max_new_tokens):
                 tail, stop = seq.text.finish()
                 text += tail
-                reason = "stop_sequence" if stop else "length"
+                reason = "stop_sequence" if stop else "eos" if complete else "length"
         self._emit(seq, TokenEvent(index, token, text, now))
         if reason is None:
             seq.next_token = token

@@ -2,15 +2,17 @@
 
 It owns the model, the slot KV cache, the prefix-cache block pool, the CUDA-graph decoder, the per-slot
 penalty state and the token-healing masks, and it is the one place that decides what the model and device
-support. `execute(plan)` runs a `StepPlan` (cached prefix blocks copied in, one batched decode over the
-decoding rows, the planned prompt batches, newly prefilled prompt blocks copied out to the pool) and samples
-every row that gets a token, each with its own parameters and generator, in one call.
+support; structured output's grammar masks meet the logits here. `execute(plan)` runs a `StepPlan` (cached
+prefix blocks copied in, one batched decode over the decoding rows, the planned prompt batches, newly
+prefilled prompt blocks copied out to the pool) and samples every row that gets a token, each with its own
+parameters and generator, in one call.
 """
 
 from __future__ import annotations
 
 import torch
 
+from pocketgpt.app.engine.grammar import Constraint, allowed
 from pocketgpt.app.engine.graphs import GraphDecoder
 from pocketgpt.app.engine.plan import PrefillBatch, StepPlan
 from pocketgpt.app.engine.prefix_cache import BlockPool
@@ -140,6 +142,9 @@ class Runner:
         for i, seq in enumerate(rows):
             if seq.generated == 0 and seq.request.heal:
                 logits[i].masked_fill_(~self._heal_mask(seq.request.heal), float("-inf"))
+        constrained = [i for i, s in enumerate(rows) if s.request.constraint is not None]
+        if constrained:  # structured output: only these rows pay for a grammar mask
+            self._constrain(logits, [(i, rows[i].request.constraint) for i in constrained])
         params = [s.request.params for s in rows]
         penalized = any(p.penalized for p in params)
         counts = mask = slots = None
@@ -150,6 +155,17 @@ class Runner:
         if penalized:
             self._counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
         return tokens.tolist()  # the one host sync of the step
+
+    def _constrain(self, logits: torch.Tensor, rows: list[tuple[int, Constraint]]) -> None:
+        """Mask each constrained row's logits to the tokens its grammar allows next (computed on the CPU by the
+        grammar library, one bit per token, then expanded on the logits' device)."""
+        vocab = self._text_vocab
+        bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+        for j, (_, constraint) in enumerate(rows):
+            constraint.fill(bitmask, j)
+        ok = allowed(bitmask.to(self.device, non_blocking=True), vocab)
+        for j, (i, _) in enumerate(rows):
+            logits[i, :vocab].masked_fill_(~ok[j], float("-inf"))
 
     def _heal_mask(self, prefix: bytes) -> torch.Tensor:
         """Boolean (vocab,) mask of the tokens that may follow a healed prompt; built once per prefix."""

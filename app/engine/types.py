@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pocketgpt.model.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pocketgpt.app.engine.grammar import Constraint
 
 FinishReason = Literal["eos", "stop_sequence", "length"]
 
@@ -32,6 +35,8 @@ class GenRequest:
     timeout: float | None = None  # seconds from submission; None: no limit
     stop_ids: tuple[int, ...] = ()  # tokens that end the output like end-of-text (a chat turn's end marker)
     heal: bytes = b""  # token healing: the first generated token must start with these bytes (cut from the prompt)
+    # Structured output: the grammar's matcher (the runner masks by it, the output advances it); None: free text.
+    constraint: Constraint | None = field(default=None, compare=False, repr=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
