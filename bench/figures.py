@@ -34,6 +34,8 @@ DOCKER_E2E = ROOT / "docs" / "benchmarks" / "docker-e2e.json"  # POCKETGPT_E2E_T
 GQA = ROOT / "docs" / "benchmarks" / "gqa.json"  # python -m bench.gqa
 LORA = ROOT / "docs" / "benchmarks" / "lora.json"  # python -m bench.lora
 BUDGET = ROOT / "docs" / "benchmarks" / "budget.json"  # python -m bench.budget
+STRUCTURED = ROOT / "docs" / "benchmarks" / "structured.json"  # python -m bench.structured
+STRUCTURED_DOC = ROOT / "docs" / "structured.md"
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -354,6 +356,52 @@ def readme_budget(budget: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- structured output: README and docs/structured.md ------------------------------------------------------------
+def structured_engine(s: dict[str, Any], start: Path = ROOT) -> str:
+    """Constrained against free decode tokens/s, from docs/benchmarks/structured.json."""
+    e, m, link = s["engine"], s["model"], rel(STRUCTURED, start)
+    tok = e["tok_s"]
+
+    def cell(name: str) -> str:
+        x = tok[name]
+        return f"{num(x['median'], 1)} ({num(x['min'], 1)}–{num(x['max'], 1)})"
+
+    def ratio(name: str) -> str:
+        x = e[name]
+        return f"{times(x['median'])} ({x['min']:.2f}–{x['max']:.2f})"
+
+    load = ", ".join(f"{x:.1f}" for x in s["load_average_before"])
+    return "\n".join([
+        f"Greedy decode tokens/s of the {m['n_layer']}×{m['n_embd']} bench model (vocabulary {num(m['vocab_size'])}, "
+        f"random weights), {e['new_tokens']} tokens per stream, free and constrained by a JSON schema, measured in "
+        f"the same rounds (median (min–max) over {tok['batch_1_free']['n']}; {s['machine']['torch_threads']} torch "
+        f"thread(s), load average {load} at the start of `{s['command']}` on {s['machine']['cores']} shared cores). "
+        f"From [{link}]({link}):",
+        "",
+        "| streams | free tok/s | JSON schema tok/s | constrained / free |",
+        "| --- | --: | --: | --: |",
+        f"| 1 | {cell('batch_1_free')} | {cell('batch_1_json')} | {ratio('batch_1_json_over_free')} |",
+        f"| 16 (aggregate) | {cell('batch_16_free')} | {cell('batch_16_json')} | {ratio('batch_16_json_over_free')} |",
+        f"| 16, one of them constrained | {cell('batch_16_free')} | {cell('batch_16_one_json')} | "
+        f"{ratio('batch_16_one_json_over_free')} |",
+    ]) + "\n"
+
+
+def structured_libraries(s: dict[str, Any]) -> str:
+    """The grammar libraries' compile and per-token mask times, from docs/benchmarks/structured.json."""
+    link = rel(STRUCTURED, STRUCTURED_DOC.parent)
+    rows = ["| library | vocabulary | tokenizer setup | schema compile | mask per token |",
+            "| --- | --- | --: | --: | --: |"]
+    for key, r in s["libraries"].items():
+        lib, vocab = key.split("/", 1)
+        if "error" in r:
+            rows.append(f"| {lib} | {vocab} | {r['error']} | | |")
+            continue
+        rows.append(f"| {lib} | {vocab} ({num(r['vocab'])}) | {r['tokenizer_s'] * 1000:,.1f} ms | "
+                    f"{r['compile_s'] * 1000:,.1f} ms | {r['mask_us_per_token']:,.0f} µs |")
+    return "\n".join([f"From [{link}]({link}) (`{s['command']}`, the same run as the table above):", "", *rows]) + "\n"
+
+
 def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
     results, soak, engine, budget = load(RESULTS), load(SOAK), load(ENGINE), load(BUDGET)
     first_token, docker_e2e = load(FIRST_TOKEN), load(DOCKER_E2E)
@@ -371,6 +419,11 @@ def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
     gqa, lora = load(GQA), load(LORA)
     if gqa is not None and lora is not None:
         blocks.append((README, "llama", lambda: readme_llama(gqa, lora)))
+    structured = load(STRUCTURED)
+    if structured is not None:
+        blocks += [(README, "structured", lambda: structured_engine(structured)),
+                   (STRUCTURED_DOC, "structured", lambda: structured_engine(structured, STRUCTURED_DOC.parent)),
+                   (STRUCTURED_DOC, "structured-libraries", lambda: structured_libraries(structured))]
     return blocks
 
 
