@@ -404,6 +404,8 @@ _SETTING_BOUNDS = {
     ("ChatCompletionRequest", "max_tokens"): ("maximum", "max_new_tokens"),
     ("ChatCompletionRequest", "max_completion_tokens"): ("maximum", "max_new_tokens"),
     ("GenerateRequest", "prompt"): ("maxLength", "max_prompt_chars"),
+    ("GenerateRequest", "regex"): ("maxLength", "max_schema_bytes"),  # bytes: a non-ASCII one may be 422 sooner
+    ("GenerateRequest", "grammar"): ("maxLength", "max_schema_bytes"),
     ("CompletionRequest", "prompt"): ("maxLength", "max_prompt_chars"),
     ("ChatCompletionRequest", "messages"): ("maxItems", "max_messages"),
 }

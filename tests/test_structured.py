@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +313,10 @@ def test_bad_constraints_are_refused_naming_the_field(url: str, path: str, extra
     error = r.json()["error"]
     assert error["param"] == param or param in error["message"], error
     assert httpx.post(f"{url}/v1/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_the_grammar_library_is_imported_only_when_needed() -> None:
+    code = ("import sys, pocketgpt.app.main, pocketgpt.app.engine.engine, pocketgpt.app.schemas; "
+            "print('llguidance' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
