@@ -25,6 +25,7 @@ from pocketgpt.app.settings import Settings
 
 APP_NAME = "pocketgpt"  # the same names as app/ray_serve.py, which this module must not import (it loads ray)
 DEPLOYMENT = "PocketGPT"
+ROUTER = "PocketGPTRouter"  # the HTTP ingress in front of the replicas (app/ray_serve.py says why)
 IMPORT_PATH = "pocketgpt.app.ray_serve:app"
 DEPLOY_TIMEOUT_S = 900.0
 
@@ -94,9 +95,17 @@ def serve_config(settings: Settings, *, replicas: int | None, autoscale: tuple[i
         }
     else:
         deployment["num_replicas"] = replicas or 1
+    most = autoscale[1] if autoscale is not None else (replicas or 1)
+    router: dict[str, Any] = {
+        "name": ROUTER, "num_replicas": 1,
+        # It only relays bytes; reserving no CPU keeps it off the replicas' budget (and schedulable anywhere).
+        "ray_actor_options": {"num_cpus": 0},
+        # Every request the replicas can hold passes through it, so it must hold as many.
+        "max_ongoing_requests": most * deployment["max_ongoing_requests"],
+    }
     return {"applications": [{
         "name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-        "runtime_env": {"env_vars": replica_env(settings)}, "deployments": [deployment],
+        "runtime_env": {"env_vars": replica_env(settings)}, "deployments": [deployment, router],
     }]}
 
 
