@@ -9,7 +9,7 @@ an exception, and only a caller that is *not* that replica can still finish the 
 
 - `/v1/generate` (and any other SSE route): `event: error` with the `{"error": {...}}` envelope;
 - the OpenAI routes: a `data: {"error": {...}}` chunk, then `data: [DONE]`;
-- not streamed yet (the replica died before it answered): a 503 `replica_unavailable` envelope.
+- not answered yet (the replica died first): sent once more, then a 503 `replica_unavailable` envelope.
 
 No Ray import here: the Ray specifics (which exceptions mean "the replica is gone") are passed in, so the relay
 is tested in the default suite against the real app.
@@ -39,6 +39,7 @@ _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "
 OPENAI_STREAM_PATHS = ("/v1/completions", "/v1/chat/completions")
 DISCONNECT_GRACE_S = 2.0  # then the app's task is cancelled
 QUEUE_MESSAGES = 256  # a replica's app runs at most this far ahead of the router reading its response
+ATTEMPTS = 2  # a request whose replica died before answering is sent once more
 
 
 def forwarded(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
@@ -126,13 +127,19 @@ async def relay(request: Request, call: Callable[[dict[str, Any]], Any], max_bod
         if len(body) > max_body_bytes:
             return APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
                             code="body_too_large").response()
-    stream = call(forwarded(request.scope, bytes(body)))
-    try:
-        head = await stream.__anext__()
-    except gone as exc:
-        log.warning("replica gone before answering %s %s: %r", request.method, request.url.path, exc)
+    message = forwarded(request.scope, bytes(body))
+    for attempt in range(1, ATTEMPTS + 1):
+        stream = call(message)
+        try:
+            _, status, headers = await stream.__anext__()
+            break
+        except gone as exc:
+            # Nothing reached the client yet, so another replica may take it: Serve routes around a dead
+            # replica once it learns of the death, which can take a moment after the process is gone.
+            log.warning("replica gone before answering %s %s (attempt %d): %r", request.method, request.url.path,
+                        attempt, exc)
+    else:
         return replica_gone().response()
-    _, status, headers = head
     sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
     response = StreamingResponse(_body(stream, request.url.path if sse else None, gone), status_code=status)
     response.raw_headers = [(bytes(k), bytes(v)) for k, v in headers]  # as the replica sent them

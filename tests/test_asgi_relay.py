@@ -140,11 +140,14 @@ def test_replica_dying_mid_stream_ends_an_openai_stream_with_an_error_chunk_and_
                                                                                        replica_gone())
 
 
-def test_replica_gone_before_answering_is_a_503(routed: tuple[str, Router], router: Router) -> None:
+def test_replica_gone_before_answering_is_tried_once_more_then_a_503(routed: tuple[str, Router],
+                                                                     router: Router) -> None:
     base, _ = routed
     router.die_after = 0
+    calls = len(router.calls)
     r = httpx.post(f"{base}/v1/generate", json={"prompt": "hi", "max_new_tokens": 3}, timeout=30)
     assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable"
+    assert len(router.calls) == calls + 2
 
 
 def test_body_over_the_limit_is_refused_before_it_reaches_a_replica(routed: tuple[str, Router],

@@ -90,7 +90,11 @@ def test_autoscale_target_follows_max_running(tmp_path: Path) -> None:
     settings = Settings(checkpoint=tmp_path / "ckpt", max_running=6, max_queue=10)
     config = serve_config(settings, replicas=None, autoscale=(1, 3), replica_cpus=2, gpus_per_replica=1)
     (app,) = config["applications"]
-    (deployment,) = app["deployments"]
+    deployment, router = app["deployments"]
+    assert deployment["name"] == "PocketGPT" and router["name"] == "PocketGPTRouter"
+    # One router relays every request the replicas can hold (at most 3 x 16), and reserves no CPU of theirs.
+    assert router == {"name": "PocketGPTRouter", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                      "max_ongoing_requests": 48}
     assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6}
     assert "num_replicas" not in deployment
     assert deployment["max_ongoing_requests"] == 16
