@@ -172,7 +172,19 @@ def _init_ray(ray: Any, address: str, attempts: int = LOCAL_START_ATTEMPTS) -> N
                 raise
             print(f"pocketgpt serve --ray: the local Ray instance was slow to start ({exc}); trying again",
                   file=sys.stderr, flush=True)
-            ray.shutdown()
+            _stop_children()  # the failed instance's GCS, dashboard, ...: Ray leaves them running
+
+
+def _stop_children() -> None:
+    """Kill this process's child processes: before Ray is up, the only ones are those of a local Ray instance
+    that failed to start (ray.init leaves them behind, competing with the next attempt for the CPU)."""
+    import psutil  # a dependency of ray
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
 
 
 def _start_serve(serve: Any, http_options: dict[str, Any], deadline: float) -> None:
