@@ -6,7 +6,9 @@ waiting requests into free KV slots, and runs one step: the scheduler plans it (
 data: decode rows and prompt chunks within the prefill budget), the runner executes it (`Runner.execute`:
 the model, the cache, sampling) and the output delivers the tokens (`Output`: text, stop strings, events).
 The prefix cache (`prefix_cache.py`: the scheduler decides what is cached, the runner copies the blocks) and
-n-gram speculative decoding (`speculate.py`: the scheduler drafts, the runner verifies) ride on the same plan.
+n-gram speculative decoding (`speculate.py`: the scheduler drafts, the runner verifies) ride on the same plan,
+and so do a request's n choices (`submit_choices`): placed together, prefilled once by the first, the prompt's
+keys copied into the others' slots (`StepPlan.forks`), each choice then sampled with its own generator.
 """
 
 from __future__ import annotations
