@@ -179,3 +179,9 @@ def test_disconnect_frees_every_choices_slot(slow_url: str) -> None:
                 break
     wait_for(slow_url, "pocketgpt_kv_slots_in_use", 0)  # long before 100 tokens x 20 ms
     assert scrape(slow_url)("pocketgpt_generations_finished_total", reason="cancelled") == before + 3
+
+
+def test_n_with_structured_output_is_refused_naming_n(url: str) -> None:
+    """A constraint holds one output's parser state: n > 1 with it is a clear 400 until supported."""
+    r = httpx.post(f"{url}/v1/generate", json={"prompt": "Hi", "n": 2, "regex": "[0-9]+"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
