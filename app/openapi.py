@@ -64,8 +64,20 @@ class Timings(BaseModel):
     tokens_per_s: float
 
 
+class GenerateChoice(BaseModel):
+    """One of a /v1/generate request's n choices (choice i sampled with seed + i)."""
+
+    index: int
+    text: str
+    finish_reason: Literal["eos", "stop_sequence", "length"]
+    stop_sequence: str | None
+    seed: int
+    completion_tokens: int
+
+
 class GenerateResponse(BaseModel):
-    """POST /v1/generate without `stream` (also the data of the stream's `done` event)."""
+    """POST /v1/generate without `stream` (also the data of the stream's `done` event). The top-level fields are
+    choice 0's; with n > 1, `choices` holds every choice and `usage`/`timings` cover them all."""
 
     id: str
     model: str
@@ -75,6 +87,7 @@ class GenerateResponse(BaseModel):
     seed: int
     usage: Usage
     timings: Timings
+    choices: list[GenerateChoice] | None = Field(None, description="every choice, present when n > 1")
 
 
 class CompletionChoice(BaseModel):
@@ -218,9 +231,10 @@ class ServedModel(BaseModel):
 class TokenEvent(BaseModel):
     """/v1/generate `event: token`: one sampled token and the text it makes safe to show (may be "")."""
 
-    index: int
+    index: int = Field(description="the token's position in its choice's output")
     id: int
     text: str
+    choice: int = Field(description="which of the request's n choices it belongs to")
 
 
 class CompletionChunkChoice(BaseModel):
@@ -408,6 +422,9 @@ _SETTING_BOUNDS = {
     ("GenerateRequest", "grammar"): ("maxLength", "max_schema_bytes"),
     ("CompletionRequest", "prompt"): ("maxLength", "max_prompt_chars"),
     ("ChatCompletionRequest", "messages"): ("maxItems", "max_messages"),
+    ("GenerateRequest", "n"): ("maximum", "n_limit"),
+    ("CompletionRequest", "n"): ("maximum", "n_limit"),
+    ("ChatCompletionRequest", "n"): ("maximum", "n_limit"),
 }
 
 

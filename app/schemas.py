@@ -29,6 +29,8 @@ StopList = Annotated[list[StopString], Field(max_length=4)]
 # 0.6 s of event-loop time to validate); the server's bound, POCKETGPT_MAX_MESSAGES, is at most this.
 MAX_MESSAGES_CAP = 2048
 MAX_CONTENT_PARTS = 256
+# The schema's own cap on `n` (choices per request); the server's bound, POCKETGPT_MAX_N, is at most this.
+MAX_N_CAP = 128
 # Strict types (no "10" -> 10, no "yes" -> True) and finite numbers only.
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
@@ -43,6 +45,12 @@ def _check_prompt(prompt: str, settings: Settings) -> None:
     if len(prompt) > settings.max_prompt_chars:
         raise APIError(422, f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}",
                        param="prompt", code="prompt_too_long")
+
+
+def _check_n(n: int, settings: Settings) -> None:
+    if n > settings.n_limit:  # POCKETGPT_MAX_N, and no more than the slots: the choices decode together
+        raise APIError(422, f"n is {n}; the server allows at most {settings.n_limit} choices per request",
+                       param="n", code="n_too_large")
 
 
 def _check_max_tokens(value: int, settings: Settings, param: str) -> None:
@@ -117,6 +125,8 @@ class GenerateRequest(BaseModel):
                                                "validates against this schema")
     grammar: str | None = Field(None, min_length=1, description="structured output: the output matches this Lark "
                                 "grammar (llguidance's dialect)")
+    n: int = Field(1, ge=1, le=MAX_N_CAP, description="choices sampled from one prefill of the prompt (choice i "
+                   "with seed + i); at most the server's max_n")
 
     def _grammar(self, settings: Settings) -> GrammarSpec | None:
         given = [name for name in ("regex", "json_schema", "grammar") if getattr(self, name) is not None]
@@ -132,6 +142,7 @@ class GenerateRequest(BaseModel):
         max_new = self.max_new_tokens if "max_new_tokens" in self.model_fields_set else \
             min(self.max_new_tokens, settings.max_new_tokens)
         _check_max_tokens(max_new, settings, "max_new_tokens")
+        _check_n(self.n, settings)
         params = SamplingParams(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
@@ -139,7 +150,7 @@ class GenerateRequest(BaseModel):
         )
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec(self.prompt, max_new, params, seed, _stops(self.stop), grammar=grammar,
-                              grammar_param="regex" if grammar is None else grammar.kind)
+                              grammar_param="regex" if grammar is None else grammar.kind, n=self.n)
 
 
 def _openai_sampling(body: OpenAISamplingFields) -> SamplingParams:
@@ -179,7 +190,8 @@ class OpenAISamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
+    n: int | None = Field(1, ge=1, le=MAX_N_CAP, description="choices sampled from one prefill of the prompt "
+                          "(choice i with seed + i); at most the server's max_n")
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -196,7 +208,7 @@ class OpenAISamplingFields(BaseModel):
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
                            code="invalid_value")
         unsupported = {
-            "n": self.n not in (None, 1), "tools": bool(self.tools), "functions": bool(self.functions),
+            "tools": bool(self.tools), "functions": bool(self.functions),
             "tool_choice": self.tool_choice not in (None, "none"),
             "function_call": self.function_call not in (None, "none"),
         }
@@ -205,12 +217,16 @@ class OpenAISamplingFields(BaseModel):
                 raise APIError(400, f"{name}={getattr(self, name)!r:.200} is not supported by this server",
                                param=name, code="unsupported_parameter")
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
 
 class CompletionRequest(OpenAISamplingFields):
     """POST /v1/completions, the OpenAI legacy completions shape.
 
-    Unknown fields are accepted and ignored (clients send many); fields we cannot honour (n > 1, echo,
-    logprobs, best_of, suffix, logit_bias) are refused with 400 by `to_spec`. `top_k` and
+    Unknown fields are accepted and ignored (clients send many); fields we cannot honour (echo, logprobs,
+    best_of other than n, suffix, logit_bias) are refused with 400 by `to_spec`. `top_k` and
     `repetition_penalty` are accepted as extensions, as other OpenAI-compatible servers do.
     """
 
@@ -218,15 +234,21 @@ class CompletionRequest(OpenAISamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     logprobs: int | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N_CAP, description="only best_of = n (or absent): every "
+                                "sampled choice is returned, none is ranked away")
     suffix: str | None = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
 
     def _refuse_unsupported(self) -> None:
         self._refuse_common()
+        if self.best_of not in (None, self.choices):
+            # Ranking candidates needs their log-probabilities; sampling best_of and returning n of them unranked
+            # would silently be n samples. best_of = n is exactly n samples, so it is accepted.
+            raise APIError(400, f"best_of={self.best_of!r} is not supported by this server: it returns every "
+                           f"choice it samples, so best_of must equal n ({self.choices}) or be left out",
+                           param="best_of", code="unsupported_parameter")
         unsupported = {
-            "best_of": self.best_of not in (None, 1),
             "echo": bool(self.echo),
             "logprobs": self.logprobs is not None,
             "suffix": bool(self.suffix),
@@ -254,11 +276,12 @@ class CompletionRequest(OpenAISamplingFields):
         _check_prompt(prompt, settings)
         max_tokens = min(16, settings.max_new_tokens) if self.max_tokens is None else self.max_tokens
         _check_max_tokens(max_tokens, settings, "max_tokens")
+        _check_n(self.choices, settings)
         params = _openai_sampling(self)
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec(prompt, max_tokens, params, seed, _stops(self.stop), max_tokens_param="max_tokens",
                               model=self.model, grammar=self._grammar(settings),
-                              grammar_param="response_format.json_schema")
+                              grammar_param="response_format.json_schema", n=self.choices)
 
 
 class ChatContentPart(BaseModel):
@@ -294,7 +317,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(OpenAISamplingFields):
     """POST /v1/chat/completions, the OpenAI chat shape (text only).
 
-    As with CompletionRequest, unknown fields are ignored and ones we cannot honour (n > 1, logprobs, tools,
+    As with CompletionRequest, unknown fields are ignored and ones we cannot honour (logprobs, tools,
     logit_bias) are refused with 400. Without max_tokens / max_completion_tokens
     the answer may use whatever room the context leaves, up to the server's bound.
     """
@@ -338,12 +361,13 @@ class ChatCompletionRequest(OpenAISamplingFields):
         given = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if given is not None:
             _check_max_tokens(given, settings, param)
+        _check_n(self.choices, settings)
         params = _openai_sampling(self)
         seed = random_seed() if self.seed is None else self.seed
         return GenerationSpec("", given or settings.max_new_tokens, params, seed, _stops(self.stop),
                               max_tokens_param=param, render=renderer(messages), clip_to_context=given is None,
                               model=self.model, grammar=self._grammar(settings),
-                              grammar_param="response_format.json_schema")
+                              grammar_param="response_format.json_schema", n=self.choices)
 
 
 def openai_finish_reason(reason: str) -> str:

@@ -36,6 +36,7 @@ LORA = ROOT / "docs" / "benchmarks" / "lora.json"  # python -m bench.lora
 BUDGET = ROOT / "docs" / "benchmarks" / "budget.json"  # python -m bench.budget
 STRUCTURED = ROOT / "docs" / "benchmarks" / "structured.json"  # python -m bench.structured
 STRUCTURED_DOC = ROOT / "docs" / "structured.md"
+NCHOICES = ROOT / "docs" / "benchmarks" / "nchoices.json"  # python -m bench.nchoices
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -400,6 +401,19 @@ def structured_libraries(s: dict[str, Any]) -> str:
         rows.append(f"| {lib} | {vocab} ({num(r['vocab'])}) | {r['tokenizer_s'] * 1000:,.1f} ms | "
                     f"{r['compile_s'] * 1000:,.1f} ms | {r['mask_us_per_token']:,.0f} µs |")
     return "\n".join([f"From [{link}]({link}) (`{s['command']}`, the same run as the table above):", "", *rows]) + "\n"
+def readme_nchoices(res: dict[str, Any]) -> str:
+    """The README's line on n choices sharing one prefill against n separate requests."""
+    ratio = res["separate_over_shared"]
+    return (
+        f"Measured ([{rel(NCHOICES)}]({rel(NCHOICES)}), `{res['command'].strip()}`, "
+        f"{res['machine']['torch_threads']} torch threads, load average {res['machine']['load_average'][0]:.1f} at "
+        f"the start: a shared machine, so the times are noisy): {res['n']} sampled choices of a "
+        f"{res['prompt_tokens']}-token prompt ({res['new_tokens']} new tokens each, the headline model) ran "
+        f"{num(res['shared']['prefill_tokens']['median'])} prompt tokens through the model, against "
+        f"{num(res['separate']['prefill_tokens']['median'])} for {res['n']} separate requests submitted together; "
+        f"the wait until every choice had its first token was {times(ratio['all_first_token_s']['median'])} "
+        f"shorter, until all were done {times(ratio['all_done_s']['median'])} shorter (median over "
+        f"{len(res['rounds'])} rounds of separate / shared), with the same tokens either way.\n")
 
 
 def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
@@ -416,6 +430,9 @@ def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
         blocks.append((README, "performance", lambda: readme_performance(results, soak)))
     if engine is not None:
         blocks.append((README, "engine", lambda: readme_engine(engine)))
+    nchoices = load(NCHOICES)
+    if nchoices is not None:
+        blocks.append((README, "nchoices", lambda: readme_nchoices(nchoices)))
     gqa, lora = load(GQA), load(LORA)
     if gqa is not None and lora is not None:
         blocks.append((README, "llama", lambda: readme_llama(gqa, lora)))

@@ -242,7 +242,7 @@ def test_engine_with_static_decode_and_batched_prefill_matches_the_plain_engine(
 def test_prefill_plan_cuts_on_the_granule_grid_within_the_budget() -> None:
     def seq(n: int, prefilled: int = 0) -> SimpleNamespace:
         return SimpleNamespace(request=SimpleNamespace(prompt_ids=list(range(n))), prefilled=prefilled,
-                               prefilling=prefilled < n)
+                               prefilling=prefilled < n, leader=None)
 
     sched = Scheduler(4, 4)
     a, b, c = seq(40), seq(5), seq(20, prefilled=8)

@@ -66,21 +66,22 @@ class Output:
                 tail, stop = seq.text.finish()
                 text += tail
                 reason = "stop_sequence" if stop else "eos" if complete else "length"
-        self._emit(seq, TokenEvent(index, token, text, now))
+        choice = seq.ticket.choice
+        self._emit(seq, TokenEvent(index, token, text, now, choice))
         if reason is None:
             seq.next_token = token
             return False
         self.finished.append((seq, seq.slot))
         self.scheduler.remove(seq)
         self.count_finish(reason)
-        self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached))
+        self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached, choice))
         return True
 
     def fail(self, seq: Sequence, status: int, message: str, code: str) -> None:
         """End `seq` with an error event and free its slot."""
         self.scheduler.remove(seq)
         self.count_finish(code)
-        self._emit(seq, ErrorEvent(status, message, code))
+        self._emit(seq, ErrorEvent(status, message, code, seq.ticket.choice))
 
     def count_finish(self, reason: str) -> None:
         if self.metrics is not None:

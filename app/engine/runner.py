@@ -81,8 +81,10 @@ class Runner:
         parts = [wide[:, 0] if wide is not None else self._decode(plan.decode)] if plan.decode else []
         for batch in plan.prefill:
             logits = self._prefill(batch)
-            parts.extend(logits[i : i + 1] for i, c in enumerate(batch.chunks)
-                         if c.end == len(c.seq.request.prompt_ids))
+            for i, c in enumerate(batch.chunks):
+                if c.end == len(c.seq.request.prompt_ids):
+                    parts.append(self._fork(c.seq, plan.forks[c.seq], logits[i : i + 1])
+                                 if c.seq in plan.forks else logits[i : i + 1])
         for seq, blocks in plan.saves:
             self.pool.save(seq.slot, blocks)
         if not parts:
@@ -91,6 +93,12 @@ class Runner:
         if wide is not None:
             self._verify(plan, wide, tokens)
         return tokens
+
+    def _fork(self, leader: Sequence, followers: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Copy `leader`'s prompt keys into its followers' slots; its logits row once per choice (a copy: the
+        sampler edits rows in place)."""
+        self.cache.copy_prefix(leader.slot, [f.slot for f in followers], len(leader.request.prompt_ids))
+        return logits.repeat(1 + len(followers), 1)
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
         slots, positions = [s.slot for s in rows], [s.pos for s in rows]

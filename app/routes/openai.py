@@ -2,7 +2,9 @@
 
 Point the official client at the server with `OpenAI(base_url="http://host:port/v1", api_key=...)`.
 A stream is `data: {chunk}` lines ending with `data: [DONE]`; with `stream_options.include_usage` a last chunk
-with empty `choices` carries the usage.
+with empty `choices` carries the usage. With `n` > 1 the choices' chunks interleave, each naming its `index`,
+and each choice's last chunk carries its `finish_reason`; the usage counts the prompt once and sums the choices'
+completion tokens, as OpenAI's does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sse_starlette import ServerSentEvent
 
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
+from pocketgpt.app.engine.types import DoneEvent
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.generation import Generation, check_model, wait_or_cancel
 from pocketgpt.app.schemas import CompletionRequest, openai_finish_reason
@@ -35,20 +38,21 @@ def _head(generation: Generation, created: int) -> dict[str, Any]:
             "model": generation.model}
 
 
-def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+def _choice(text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
 
 
 async def openai_chunks(
     generation: Generation,
     include_usage: bool,
     head: dict[str, Any],
-    piece: Callable[[str], dict[str, Any]],
-    finish: Callable[[str], dict[str, Any]],
-    opening: dict[str, Any] | None = None,
+    piece: Callable[[str, int], dict[str, Any]],
+    finish: Callable[[str, int], dict[str, Any]],
+    opening: Callable[[int], dict[str, Any]] | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The OpenAI stream shape shared by completions and chat: `piece(text)` per token text, `finish(reason)`
-    last, an optional usage chunk, errors as the envelope, then `[DONE]`."""
+    """The OpenAI stream shape shared by completions and chat: `opening(index)` per choice first, `piece(text,
+    index)` per token text, `finish(reason, index)` when a choice ends, an optional usage chunk, errors as the
+    envelope, then `[DONE]`."""
     extra = {"usage": None} if include_usage else {}
 
     def chunk(choice: dict[str, Any]) -> ServerSentEvent:
@@ -56,14 +60,15 @@ async def openai_chunks(
 
     try:
         if opening is not None:
-            yield chunk(opening)
-        async for token in generation.tokens():
-            if token.text:  # a held-back token (half a character, a possible stop string) has nothing to show
-                yield chunk(piece(token.text))
-        result = generation.final()
-        yield chunk(finish(openai_finish_reason(result.finish_reason)))
+            for index in range(generation.n):
+                yield chunk(opening(index))
+        async for event in generation.events():
+            if isinstance(event, DoneEvent):
+                yield chunk(finish(openai_finish_reason(event.finish_reason), event.choice))
+            elif event.text:  # a held-back token (half a character, a possible stop string) has nothing to show
+                yield chunk(piece(event.text, event.choice))
         if include_usage:
-            yield ServerSentEvent(dumps({**head, "choices": [], "usage": result.openai_usage()}))
+            yield ServerSentEvent(dumps({**head, "choices": [], "usage": generation.openai_usage()}))
     except APIError as exc:
         yield ServerSentEvent(dumps(exc.body()))
     yield ServerSentEvent("[DONE]")
@@ -71,12 +76,12 @@ async def openai_chunks(
 
 def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
     return openai_chunks(generation, include_usage, _head(generation, int(time.time())),
-                         piece=lambda text: _choice(text, None), finish=lambda reason: _choice("", reason))
+                         piece=lambda text, i: _choice(text, None, i), finish=lambda reason, i: _choice("", reason, i))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
-    """OpenAI legacy completions for one prompt."""
+    """OpenAI legacy completions for one prompt (n choices of it)."""
     spec = body.to_spec(ctx.settings)
     generation = await start_generation(ctx, spec, request)
     if body.stream:
@@ -87,8 +92,8 @@ async def completions(body: CompletionRequest, request: Request, ctx: AppContext
         return Response(status_code=499)
     return JSONResponse({
         **_head(generation, int(time.time())),
-        "choices": [_choice(result.text, openai_finish_reason(result.finish_reason))],
-        "usage": result.openai_usage(),
+        "choices": [_choice(r.text, openai_finish_reason(r.finish_reason), r.index) for r in generation.finals()],
+        "usage": generation.openai_usage(),
     })
 
 
