@@ -24,7 +24,7 @@ from pocketgpt.app.engine.plan import StepPlan
 from pocketgpt.app.engine.prefix_cache import PrefixIndex
 from pocketgpt.app.engine.runner import Runner
 from pocketgpt.app.engine.scheduler import Scheduler, Sequence
-from pocketgpt.app.engine.speculate import NgramDrafter
+from pocketgpt.app.engine.speculate import NgramDrafter, may_draft
 from pocketgpt.app.engine.stream import TextStream
 from pocketgpt.app.engine.types import EngineClosed, GenRequest, Ticket
 from pocketgpt.model.checkpoint import Checkpoint
@@ -220,8 +220,8 @@ class Engine:
                 )
                 if self.scheduler.prefix is not None or self.spec_tokens > 0:
                     seq.history = list(req.prompt_ids)
-                # Drafts are verified greedily: only requests whose sampler is argmax may draft.
-                if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized:
+                # Greedy and sampled requests draft (verify.py keeps either exact); penalized ones do not.
+                if self.spec_tokens > 0 and may_draft(req):
                     seq.drafter = self._drafter(seq.history, self.spec_tokens)
                 self.scheduler.add(seq)
             elif item[0] == "cancel":
