@@ -205,6 +205,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def spec_rows(sp: dict[str, Any]) -> list[str]:
+    """The speculative-decoding rows of the markdown table (the section carries its own run conditions)."""
+    from bench.common import fmt
+
+    if "code_sampled" not in sp:  # a result from before the interleaved CPU-time measurement
+        return []
+    lines = [f"| *speculative decoding, batch 1, k <= {sp['k_max']}, {sp['new_tokens']} new tokens: tokens per "
+             f"process CPU second (wall-time ratio after it), {sp['torch_threads']} torch thread, {sp['rounds']} "
+             f"interleaved rounds; load average {sp['load_average_before'][0]:.1f} before, "
+             f"{sp['load_average_after'][0]:.1f} after* | |"]
+    for case, what in (("code", "greedy, code"), ("prose", "greedy, prose"), ("code_sampled", "temperature "
+                                                                                         "0.7, code")):
+        c = sp[case]
+        lines.append(f"| {what}: with n-gram speculation / without (same tokens: {c['identical_tokens']}; "
+                     f"accepted / drafted {c['spec_accepted_over_drafted']:.2f}) | {fmt(c['spec_over_plain'], 2)} "
+                     f"(wall {fmt(c['spec_over_plain_wall'], 2)}) |")
+        if "miss_over_plain" in c:
+            lines.append(f"| {what}: drafts that always miss / without | {fmt(c['miss_over_plain'], 2)} "
+                         f"(wall {fmt(c['miss_over_plain_wall'], 2)}) |")
+    cost = sp["verify_cost"]["over_width_1"]
+    lines.append("| CPU time of one verify forward over 1 + k positions / a one-position decode step, k = 1, 2, 4 | "
+                 + " / ".join(f"{cost[w]:.2f}" for w in ("2", "3", "5")) + " |")
+    return lines
+
+
 def report(results: dict[str, Any], source: Path) -> str:
     """The results as a short markdown page (every figure: median (min-max) over rounds)."""
     from bench.common import fmt
@@ -246,14 +271,7 @@ def report(results: dict[str, Any], source: Path) -> str:
             f"| their TTFT p99 ms, on / off | {fmt(chat['ttft_p99_ms']['on'])} / {fmt(chat['ttft_p99_ms']['off'])} |",
         ]
     if "spec" in sec:
-        sp = sec["spec"]
-        for kind in ("code", "prose"):
-            lines += [
-                f"| greedy batch-1 decode, {kind}: tok/s with n-gram speculation / without (same tokens: "
-                f"{sp[kind]['identical_tokens']}) | {fmt(sp[kind]['spec_over_plain'], 2)} |",
-                f"| {kind}: tok/s with drafts that always miss / without | {fmt(sp[kind]['miss_over_plain'], 2)} |",
-            ]
-        lines.append(f"| draft tokens accepted / drafted | {sp['spec_accepted_over_drafted']:.2f} |")
+        lines += spec_rows(sec["spec"])
     lines += ["", "Left out: HTTP and SSE (`python -m bench --only serve` measures the served path), other hardware "
               "and trained weights (speed does not depend on the weights' values).", ""]
     return "\n".join(lines)
