@@ -10,7 +10,8 @@ engine as it is (a lone prompt in one chunk), with 256-token chunks, and with 16
 rule). Then the interference bound: 16 greedy streams decode; once each has 8 tokens a 512-token prompt
 arrives; the streams' inter-token p99 with it over the same streams' p99 without it (same round).
 
-`spec`: greedy batch-1 decode with n-gram speculative decoding on and off (see `bench/engine_spec.py`).
+`spec`: batch-1 decode with n-gram speculative decoding on and off (greedy code and prose, drafts that always
+miss, sampled code), interleaved, in tokens per process CPU second on one thread (see `bench/engine_spec.py`).
 
 `prefix`: a 1,024-token shared prefix plus a 16-token suffix, time to first token on a prefix-cache hit
 against a miss (same engine, alternating); and 16 chat-like streams sharing a 512-token system prompt,
@@ -180,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = make_checkpoint(args.work / "engine-random-2048", cfg, tokenizer)
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "model": cfg.to_dict(),
                                "machine": machine_info(args.threads, "cpu"), "rounds": args.rounds, "sections": {}}
-    if args.json.is_file():  # keep the other section's last result when running one
-        results["sections"] = json.loads(args.json.read_text()).get("sections", {})
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else None
+    if previous is not None:  # keep the other sections' last results (and the run facts that describe them)
+        results["sections"] = previous.get("sections", {})
     if "long" in args.only:
         print("== long prompt", flush=True)
         results["sections"]["long"] = long_section(checkpoint, tokenizer, args.rounds, 1000, args.new_tokens)
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print("== speculative decoding", flush=True)
         results["sections"]["spec"] = spec_section(checkpoint, tokenizer, args.rounds)
     results["load_average_after"] = os.getloadavg()
+    if previous is not None and set(args.only) == {"spec"}:
+        # The spec section records its own run (time, threads, rounds, load); the top level stays the others'.
+        results.update({k: previous[k] for k in ("started", "machine", "rounds", "load_average_after")
+                        if k in previous})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     args.markdown.write_text(report(results, args.json))

@@ -3,9 +3,9 @@
 Text often repeats itself: code reuses names and lines, a summary quotes its source. So the next few tokens
 are drafted by finding the most recent earlier occurrence of the last `n` tokens (n from `n_max` down to
 `n_min`) in the request's own context (prompt and output so far) and copying what followed it. The runner
-checks a whole draft with one forward over its positions; for greedy requests every draft token the model
-would have chosen itself is accepted, plus the model's own next token, so the output is the same as
-without drafting, and a step yields up to k + 1 tokens for about the cost of one on a memory-bound CPU.
+checks a whole draft with one forward over its positions (`verify.py`: draft tokens are kept while they equal
+what the request's own sampler draws, which leaves outputs exactly as without drafting), and a step yields up
+to k + 1 tokens for little more than the cost of one where a step is memory-bound.
 
 `adapt` keeps drafting where it pays: the draft length grows after a fully accepted draft, shrinks to what
 was accepted otherwise, and after `patience` drafts in a row with nothing accepted the request stops
