@@ -104,7 +104,7 @@ def _counts(metrics) -> tuple[float, float]:
     return metrics.spec_draft_tokens._value.get(), metrics.spec_accepted_tokens._value.get()
 
 
-def spec_section(checkpoint: Path, tokenizer, rounds: int, new_tokens: int = 64, k: int = 4,
+def spec_section(checkpoint: Path, tokenizer, rounds: int, new_tokens: int = 96, k: int = 4,
                  n_prompts: int = 3) -> dict[str, Any]:
     """Run the section (see the module docstring); `rounds` passes over every prompt."""
     import torch

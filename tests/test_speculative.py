@@ -23,20 +23,20 @@ from tests.conftest import make_tiny_checkpoint, small_corpus
 
 def test_drafter_copies_what_followed_the_latest_earlier_occurrence() -> None:
     history = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]
-    assert NgramDrafter(history, k_max=3).propose(10) == [7, 8, 6]  # "2 3" last came before "7 8 6"
+    assert NgramDrafter(history, k_max=3, k_start=3).propose(10) == [7, 8, 6]  # "2 3" last came before "7 8 6"
     history[-3] = 1
-    assert NgramDrafter(history, k_max=3).propose(10) == [4, 5, 9]  # the trigram "1 2 3" wins over the bigram
+    assert NgramDrafter(history, k_max=3, k_start=3).propose(10) == [4, 5, 9]  # "1 2 3" beats "2 3"
     history[:] = [1, 2, 3, 4, 5, 1, 2, 3]
-    d = NgramDrafter(history, k_max=3)
+    d = NgramDrafter(history, k_max=3, k_start=3)
     assert d.propose(10) == [4, 5, 1]
     assert d.propose(2) == [4, 5]  # never past the limit
     history.append(4)  # the history grows: the index catches up
     assert d.propose(10) == [5, 1, 2]
-    assert NgramDrafter([5, 6, 7, 8], k_max=3).propose(10) == []  # no repeat, no draft
+    assert NgramDrafter([5, 6, 7, 8], k_max=3, k_start=3).propose(10) == []  # no repeat, no draft
 
 
 def test_drafter_adapts_and_pauses_when_drafts_stop_paying() -> None:
-    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4)
+    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4, patience=2, k_start=4)
     d.adapt(4, 1)
     assert d.k == 2  # what was accepted, plus one
     d.adapt(2, 2)
@@ -58,7 +58,7 @@ def test_drafter_adapts_and_pauses_when_drafts_stop_paying() -> None:
     d.adapt(2, 0)
     d.adapt(1, 0)
     assert paused_for() == 16
-    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4, max_pause=40)
+    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4, max_pause=40, patience=2)
     for _ in range(4):
         d.adapt(1, 0)
         d.adapt(1, 0)

@@ -29,10 +29,10 @@ def may_draft(request: GenRequest) -> bool:
 class NgramDrafter:
     """Drafts for one request from its token history (a list the caller keeps appending to)."""
 
-    def __init__(self, history: list[int], k_max: int, n_max: int = 3, n_min: int = 2, patience: int = 2,
-                 pause: int = 16, max_pause: int = 256) -> None:
+    def __init__(self, history: list[int], k_max: int, n_max: int = 3, n_min: int = 2, patience: int = 1,
+                 pause: int = 16, max_pause: int = 256, k_start: int = 2) -> None:
         self.history, self.k_max, self.n_max, self.n_min = history, k_max, n_max, n_min
-        self.k = k_max
+        self.k = min(k_start, k_max)  # start short: a first draft that misses costs less; hits grow it
         self.patience, self.pause, self.max_pause = patience, pause, max_pause
         self._next_pause = pause  # doubles with every pause that no accepted token interrupts
         self._misses = 0
