@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     prefix_cache_slots: float = Field(2.0, ge=0, description="room for shared prompt prefixes' keys and values, "
                                       "in KV slots' worth of tokens (each a full context); 0 turns it off")
-    speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding for greedy "
-                                    "requests: the longest draft verified per step (0: off)")
+    speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding for "
+                                    "unpenalized requests, greedy or sampled (outputs unchanged): the longest "
+                                    "draft verified per step (0: off)")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
     sse_ping: float = Field(15.0, ge=0, description="seconds between SSE keep-alive comments (0: off)")
     shutdown_grace_s: float = Field(3.0, ge=0, description="seconds requests in flight get to finish after "

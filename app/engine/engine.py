@@ -27,7 +27,7 @@ from pocketgpt.app.engine.plan import StepPlan
 from pocketgpt.app.engine.prefix_cache import PrefixIndex
 from pocketgpt.app.engine.runner import Runner
 from pocketgpt.app.engine.scheduler import Scheduler, Sequence
-from pocketgpt.app.engine.speculate import NgramDrafter
+from pocketgpt.app.engine.speculate import NgramDrafter, may_draft
 from pocketgpt.app.engine.stream import TextStream
 from pocketgpt.app.engine.types import EngineClosed, Event, GenRequest, Ticket, choice_request
 from pocketgpt.model.checkpoint import Checkpoint
@@ -250,9 +250,8 @@ class Engine:
         )
         if self.scheduler.prefix is not None or self.spec_tokens > 0:
             seq.history = list(req.prompt_ids)
-        # Drafts are verified greedily: only requests whose sampler is argmax may draft.
-        # Constrained rows never draft: a draft is checked against the model, not against the grammar.
-        if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized and req.constraint is None:
+        # Greedy and sampled requests draft (verify.py keeps either exact); penalized and constrained ones do not.
+        if self.spec_tokens > 0 and may_draft(req):
             seq.drafter = self._drafter(seq.history, self.spec_tokens)
         return seq
 

@@ -17,6 +17,7 @@ from pocketgpt.app.engine.graphs import GraphDecoder
 from pocketgpt.app.engine.plan import PrefillBatch, StepPlan
 from pocketgpt.app.engine.prefix_cache import BlockPool
 from pocketgpt.app.engine.scheduler import Sequence
+from pocketgpt.app.engine.verify import verify_drafts
 from pocketgpt.model.kv_cache import KVCache
 from pocketgpt.model.sampling import sample
 from pocketgpt.model.tokenizer import Tokenizer
@@ -78,6 +79,8 @@ class Runner:
         for seq, blocks in plan.loads:
             self.pool.load(seq.slot, blocks)
         wide = self._decode_drafts(plan) if plan.drafts else None
+        if wide is not None and self._text_vocab < wide.size(-1):
+            wide[..., self._text_vocab :] = float("-inf")
         parts = [wide[:, 0] if wide is not None else self._decode(plan.decode)] if plan.decode else []
         for batch in plan.prefill:
             logits = self._prefill(batch)
@@ -91,7 +94,7 @@ class Runner:
             return []  # only partial prompt chunks ran this step
         tokens = [[t] for t in self._sample(plan.rows, torch.cat(parts) if len(parts) > 1 else parts[0])]
         if wide is not None:
-            self._verify(plan, wide, tokens)
+            verify_drafts(plan.decode, plan.drafts, wide, tokens)
         return tokens
 
     def _fork(self, leader: Sequence, followers: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
@@ -118,22 +121,6 @@ class Runner:
             idx.append(row + [0] * (width - len(row)))
         return self.model.forward_cached(torch.tensor(idx, device=self.device), self.cache, [s.slot for s in rows],
                                          [s.pos for s in rows], last_only=False)
-
-    def _verify(self, plan: StepPlan, wide: torch.Tensor, tokens: list[list[int]]) -> None:
-        """Greedy verification: extend each drafting row's token by the draft tokens the model agrees with and
-        the model's own token after them. Only greedy, unpenalized rows draft, so argmax is their sampler."""
-        if self._text_vocab < wide.size(-1):
-            wide[..., self._text_vocab :] = float("-inf")
-        best = wide[:, 1:].argmax(-1).tolist()  # best[i][j]: the model's token after row i's draft token j
-        for i, seq in enumerate(plan.decode):
-            draft = plan.drafts.get(seq)
-            if not draft:
-                continue
-            out = tokens[i]
-            for j, d in enumerate(draft):
-                if out[-1] != d:
-                    break
-                out.append(best[i][j])
 
     def _prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Last-token logits of each chunk in `batch` (rows shorter than the batch are padded at the end)."""
