@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.grammar import Constraint, GrammarError, GrammarSpec
 from pocketgpt.app.engine.holder import EngineHolder
 from pocketgpt.app.engine.types import (
     DoneEvent,
@@ -58,6 +59,9 @@ class GenerationSpec:
     model: str | None = None  # the model the client named (OpenAI routes); None: whichever is served
     logprobs: int | None = None  # each sampled token's logprob and this many alternatives (None: off)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); the prompt is then not healed
+    grammar: GrammarSpec | None = None  # structured output: the output must match it
+    grammar_param: str = "response_format"  # the field to blame when the grammar cannot be compiled
+    n: int = 1  # choices sharing one prefill; choice i is sampled with seed + i
 
 
 def model_names(served: str) -> tuple[str, ...]:
@@ -67,21 +71,37 @@ def model_names(served: str) -> tuple[str, ...]:
     return (served, run) if run and leaf in ("best", "last") else (served,)
 
 
-# What `prepare` computed for one engine: (engine, (prompt ids, extra stop ids, healed bytes)).
-Prepared = tuple[Engine, tuple[list[int], tuple[int, ...], bytes]]
+# What `encode_prompt` computes for one engine: prompt ids, extra stop ids, healed bytes, the grammar's matcher.
+Encoded = tuple[list[int], tuple[int, ...], bytes, Constraint | None]
+Prepared = tuple[Engine, Encoded]  # what `prepare` computed, and for which engine
 
 
-def encode_prompt(engine: Engine, spec: GenerationSpec) -> tuple[list[int], tuple[int, ...], bytes]:
-    """Prompt ids for `engine` (rendered chat messages, or the text prompt), extra stop ids, and healed bytes."""
+def encode_prompt(engine: Engine, spec: GenerationSpec) -> Encoded:
+    """Prompt ids for `engine` (rendered chat messages, or the text prompt), extra stop ids, healed bytes and the
+    structured-output constraint compiled for its tokenizer (400 if it cannot be compiled)."""
+    constraint = compile_constraint(engine, spec)
     if spec.render:
         ids, stop_ids = spec.render(engine)
-        return ids, stop_ids, b""
+        return ids, stop_ids, b"", constraint
     # A prompt is text: "<|endoftext|>" typed in it is those 13 characters, not the special token.
     ids = engine.tokenizer.encode_prompt(spec.prompt, allow_special=False)
+    if constraint is not None:  # no token healing: the grammar, not the healed bytes, says what comes first
+        return ids, (), b"", constraint
     if spec.prompt_logprobs is not None:  # scored as written: healing would drop its last token
-        return ids, (), b""
+        return ids, (), b"", None
     ids, heal = engine.tokenizer.heal_prompt(ids)
-    return ids, (), heal
+    return ids, (), heal, None
+
+
+def compile_constraint(engine: Engine, spec: GenerationSpec) -> Constraint | None:
+    """A fresh matcher for the spec's grammar (compiled once per grammar and engine, then cached), or None."""
+    if spec.grammar is None:
+        return None
+    try:
+        return engine.grammars.constraint(spec.grammar)
+    except GrammarError as exc:
+        raise APIError(400, f"{spec.grammar_param} cannot be used for structured output: {str(exc)[:1000]}",
+                       param=spec.grammar_param, code="invalid_grammar") from None
 
 
 async def prepare(holder: EngineHolder, spec: GenerationSpec) -> Prepared | None:
@@ -118,6 +138,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)  # the sampled tokens (an end-of-text token included)
     logprobs: list[Logprob] | None = None  # one per sampled token, when asked for
     prompt_logprobs: list[Logprob | None] | None = None  # one per prompt token (the first None), when asked for
+    index: int = 0  # which choice of the request
 
     def usage(self) -> dict[str, int]:
         return {
@@ -145,28 +166,33 @@ class GenerationResult:
         return body
 
 
-
 class Generation:
-    """A running request: iterate `tokens()` (or await `collect()`); `result` is set when it finished."""
+    """A running request and its n choices: iterate `events()` or `tokens()` (or await `collect()`). Once every
+    choice finished, `results` holds one result per choice and `result` is choice 0's."""
 
-    def __init__(self, ticket: Ticket, engine: Engine, spec: GenerationSpec, metrics: Metrics | None,
+    def __init__(self, tickets: list[Ticket], engine: Engine, spec: GenerationSpec, metrics: Metrics | None,
                  started: float) -> None:
-        self.ticket = ticket
+        self.tickets = tickets
+        self.ticket = tickets[0]  # the choices share its queue
         self.engine = engine
         self.spec = spec
         self.metrics = metrics
         self.started = started
-        self.id = f"gen-{ticket.id}"
+        self.id = f"gen-{self.ticket.id}"
         self.model = engine.name
-        self.prompt_tokens = len(ticket.request.prompt_ids)
+        self.n = len(tickets)
+        self.prompt_tokens = len(self.ticket.request.prompt_ids)
         self.result: GenerationResult | None = None
+        self.results: list[GenerationResult | None] = [None] * self.n
         self.error: APIError | None = None
-        self._parts: list[str] = []
-        self._ids: list[int] = []
-        self._logprobs: list[Logprob] | None = [] if ticket.request.logprobs is not None else None
-        self.prompt_logprobs: list[Logprob | None] | None = None  # set before the first token, when asked for
-        self._first: float | None = None
-        self._last: float | None = None
+        self._parts: list[list[str]] = [[] for _ in tickets]
+        self._ids: list[list[int]] = [[] for _ in tickets]
+        asked = self.ticket.request.logprobs is not None
+        self._logprobs: list[list[Logprob] | None] = [[] if asked else None for _ in tickets]
+        # The prompt's logprobs (one prefill, so the same for every choice): set before the first token, when asked.
+        self.prompt_logprobs: list[Logprob | None] | None = None
+        self._first: list[float | None] = [None] * self.n
+        self._last: list[float | None] = [None] * self.n
         self._done = False
         self._aborted = False
 
@@ -176,7 +202,8 @@ class Generation:
         """Tokenize for the current model (or take `prepared`, see `prepare`), check the context length and
         admit; raises APIError.
 
-        429 (queue full) carries `Retry-After: retry_after`; 503 means no model is loaded.
+        429 (queue full, also when the n choices do not fit) carries `Retry-After: retry_after`; 503 means no
+        model is loaded; 422 `n_too_large` when n is beyond the model's KV slots.
         """
         started = time.perf_counter()
         for _ in range(5):  # a swap can close an engine between reading `current` and submitting to it
@@ -184,10 +211,13 @@ class Generation:
             if engine is None:
                 raise APIError(503, "the model is not loaded yet", code="model_not_ready")
             check_model(spec.model, engine.name)
+            if spec.n > engine.max_running:  # the choices are decoded together: each needs a slot at once
+                raise APIError(422, f"n is {spec.n}; this server decodes at most {engine.max_running} sequences "
+                               "at once (POCKETGPT_MAX_RUNNING)", param="n", code="n_too_large")
             if prepared is not None and prepared[0] is engine:
-                ids, stop_ids, heal = prepared[1]
+                ids, stop_ids, heal, constraint = prepared[1]
             else:
-                ids, stop_ids, heal = encode_prompt(engine, spec)
+                ids, stop_ids, heal, constraint = encode_prompt(engine, spec)
             n, m, limit = len(ids), spec.max_new_tokens, engine.context_length
             if spec.clip_to_context and n < limit:
                 m = min(m, limit - n)
@@ -196,10 +226,13 @@ class Generation:
                     422, f"prompt is {n} tokens and {spec.max_tokens_param} is {m}: {n + m} tokens exceed the "
                     f"model's context length of {limit}", param="prompt" if n >= limit else spec.max_tokens_param,
                     code="context_length_exceeded")
+            if constraint is not None and spec.n > 1:  # a constraint holds one output's parser state
+                raise APIError(400, "n > 1 with structured output is not supported yet: send n = 1",
+                               param="n", code="unsupported_parameter")
             request = GenRequest(ids, m, spec.params, spec.seed, spec.stop, timeout, stop_ids=stop_ids, heal=heal,
-                                 logprobs=spec.logprobs, prompt_logprobs=spec.prompt_logprobs)
+                                 constraint=constraint, logprobs=spec.logprobs, prompt_logprobs=spec.prompt_logprobs)
             try:
-                ticket = engine.submit(request)
+                tickets = engine.submit_choices(request, spec.n)
             except EngineClosed:
                 continue
             except QueueFull as exc:
@@ -209,12 +242,14 @@ class Generation:
                                headers={"Retry-After": str(retry_after)}) from exc
             if metrics is not None:
                 metrics.prompt_tokens.inc(n)
-            return cls(ticket, engine, spec, metrics, started)
+            return cls(tickets, engine, spec, metrics, started)
         raise APIError(503, "the model is being swapped; retry shortly", code="model_swapping",
                        headers={"Retry-After": str(retry_after)})
 
-    async def tokens(self) -> AsyncIterator[TokenEvent]:
-        """Token events as the engine samples them; raises APIError if the engine fails the request.
+    async def events(self, finishes: bool = True) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Token events of every choice as the engine samples them (interleaved; `event.choice` says whose) and,
+        with `finishes`, each choice's DoneEvent when it ends; raises APIError if the engine fails a choice
+        (the others are cancelled).
 
         Leaving the loop early (client gone, task cancelled) cancels the request in the engine.
         """
@@ -228,31 +263,72 @@ class Generation:
                     self.prompt_logprobs = list(event.logprobs)
                 elif isinstance(event, DoneEvent):
                     self._on_done(event)
+                    if finishes:
+                        yield event
                 elif isinstance(event, ErrorEvent):
-                    self._done = True
                     self.error = APIError(event.status, event.message, code=event.code)
+                    self.cancel()
                     raise self.error
         finally:
             if not self._done:
                 self.cancel()
 
+    def tokens(self) -> AsyncIterator[TokenEvent]:
+        """Token events only (see `events`)."""
+        return self.events(finishes=False)  # type: ignore[return-value]
+
     async def collect(self) -> GenerationResult:
-        """Run to the end and return the result."""
-        async for _ in self.tokens():
+        """Run to the end and return choice 0's result (`finals()` has every choice's)."""
+        async for _ in self.events(finishes=False):
             pass
         return self.final()
 
     def final(self) -> GenerationResult:
-        """The result once `tokens()` has run out; APIError 500 if the request ended without one (cancelled)."""
+        """Choice 0's result once `tokens()` has run out; APIError 500 if the request ended without one."""
+        return self.finals()[0]
+
+    def finals(self) -> list[GenerationResult]:
+        """Every choice's result, in choice order, once the request finished; APIError 500 if it was cancelled."""
         if self.result is None:
             raise APIError(500, "the generation ended without a result (it was cancelled)", code="cancelled")
-        return self.result
+        return self.results  # type: ignore[return-value]  # all set once `result` is
+
+    def usage(self) -> dict[str, int]:
+        """Usage as OpenAI counts n choices: the prompt once, the completions' tokens summed."""
+        results = self.finals()
+        completion = sum(r.completion_tokens for r in results)
+        prompt = results[0].prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def openai_usage(self) -> dict[str, Any]:
+        """`usage` as the OpenAI API reports it, with the prompt tokens served by the prefix cache."""
+        return {**self.usage(), "prompt_tokens_details": {"cached_tokens": self.finals()[0].cached_tokens}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The /v1/generate response body: choice 0's fields at the top (the n=1 shape); with n > 1 also every
+        choice under `choices`, and usage and timings over all of them."""
+        results = self.finals()
+        body = results[0].to_dict()
+        if self.n > 1:
+            total = max(r.total_ms for r in results)
+            ttfts = [r.ttft_ms for r in results if r.ttft_ms is not None]
+            body["usage"] = self.usage()
+            body["timings"] = {"ttft_ms": round(min(ttfts), 3) if ttfts else None, "total_ms": round(total, 3),
+                               "tokens_per_s": round(body["usage"]["completion_tokens"] / total * 1000, 3)}
+            body["choices"] = [{"index": r.index, "text": r.text, "finish_reason": r.finish_reason,
+                                "stop_sequence": r.stop_sequence, "seed": r.seed,
+                                "completion_tokens": r.completion_tokens,
+                                **({"logprobs": [logprob_dict(e) for e in r.logprobs]} if r.logprobs is not None
+                                   else {})} for r in results]
+        return body
 
     def cancel(self) -> None:
-        """Drop the request from the engine (idempotent)."""
+        """Drop the request (every unfinished choice) from the engine (idempotent)."""
         if not self._done:
             self._done = True
-            self.ticket.cancel()
+            for ticket, result in zip(self.tickets, self.results, strict=True):
+                if result is None:
+                    ticket.cancel()
 
     @property
     def finished(self) -> bool:
@@ -266,34 +342,42 @@ class Generation:
             return
         self._aborted = True
         self.ticket.queue.put_nowait(ErrorEvent(error.status, error.message, error.code or "aborted"))
-        self.ticket.cancel()
+        for ticket, result in zip(self.tickets, self.results, strict=True):
+            if result is None:
+                ticket.cancel()
 
     def _on_token(self, event: TokenEvent) -> None:
-        self._parts.append(event.text)
-        self._ids.append(event.id)
-        if self._logprobs is not None and event.logprob is not None:
-            self._logprobs.append(event.logprob)
+        c = event.choice
+        self._parts[c].append(event.text)
+        self._ids[c].append(event.id)
+        logprobs = self._logprobs[c]
+        if logprobs is not None and event.logprob is not None:
+            logprobs.append(event.logprob)
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
-            if self._last is None:
+            if self._last[c] is not None:
+                self.metrics.itl.observe(event.t - self._last[c])
+            elif all(t is None for t in self._last):  # the request's first token, whichever choice
                 self.metrics.ttft.observe(event.t - self.started)
-            else:
-                self.metrics.itl.observe(event.t - self._last)
-        if self._first is None:
-            self._first = event.t
-        self._last = event.t
+        if self._first[c] is None:
+            self._first[c] = event.t
+        self._last[c] = event.t
 
     def _on_done(self, event: DoneEvent) -> None:
-        self._done = True
+        c = event.choice
         total = max(event.t - self.started, 1e-9)
-        self.result = GenerationResult(
-            id=self.id, model=self.model, text="".join(self._parts), finish_reason=event.finish_reason,
-            stop_sequence=event.stop_sequence, seed=self.spec.seed, prompt_tokens=event.prompt_tokens,
+        first = self._first[c]
+        self.results[c] = GenerationResult(
+            id=self.id, model=self.model, text="".join(self._parts[c]), finish_reason=event.finish_reason,
+            stop_sequence=event.stop_sequence, seed=self.spec.seed + c, prompt_tokens=event.prompt_tokens,
             completion_tokens=event.completion_tokens, cached_tokens=event.cached_tokens,
-            ttft_ms=None if self._first is None else (self._first - self.started) * 1000,
-            total_ms=total * 1000, tokens_per_s=event.completion_tokens / total,
-            token_ids=self._ids, logprobs=self._logprobs, prompt_logprobs=self.prompt_logprobs,
+            ttft_ms=None if first is None else (first - self.started) * 1000,
+            total_ms=total * 1000, tokens_per_s=event.completion_tokens / total, index=c,
+            token_ids=self._ids[c], logprobs=self._logprobs[c], prompt_logprobs=self.prompt_logprobs,
         )
+        if all(r is not None for r in self.results):
+            self._done = True
+            self.result = self.results[0]
 
 
 async def wait_or_cancel(generation: Generation, disconnected: asyncio.Future[Any]) -> GenerationResult | None:

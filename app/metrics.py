@@ -39,6 +39,10 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.prompt_tokens = Counter("pocketgpt_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.prefill_tokens = Counter(
+            "pocketgpt_prefill_tokens", "Prompt tokens run through the model (not those from the prefix cache; "
+            "a request's n choices share one prefill)", registry=r,
+        )
         self.generated_tokens = Counter("pocketgpt_generated_tokens", "Tokens sampled", registry=r)
         self.finished = Counter(
             "pocketgpt_generations_finished", "Generations ended, by reason "

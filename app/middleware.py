@@ -201,9 +201,10 @@ class AccessMiddleware:
         if generation is not None:
             result = generation.result
             if result is not None:
-                fields += [f"prompt_tokens={result.prompt_tokens}", f"completion_tokens={result.completion_tokens}",
+                completion = generation.usage()["completion_tokens"]  # every choice's, with n > 1
+                fields += [f"prompt_tokens={result.prompt_tokens}", f"completion_tokens={completion}",
                            f"ttft_ms={result.ttft_ms or 0:.1f}", f"tokens_per_s={result.tokens_per_s:.1f}",
-                           f"finish={result.finish_reason}"]
+                           f"finish={result.finish_reason}", *([f"n={generation.n}"] if generation.n > 1 else [])]
             else:
                 fields += [f"prompt_tokens={generation.prompt_tokens}",
                            f"finish={'error' if generation.error else 'cancelled'}"]

@@ -78,8 +78,21 @@ class GenerateLogprob(BaseModel):
     top_logprobs: list[TopLogprobId]
 
 
+class GenerateChoice(BaseModel):
+    """One of a /v1/generate request's n choices (choice i sampled with seed + i)."""
+
+    index: int
+    text: str
+    finish_reason: Literal["eos", "stop_sequence", "length"]
+    stop_sequence: str | None
+    seed: int
+    completion_tokens: int
+    logprobs: list[GenerateLogprob] | None = Field(None, description="only with `logprobs` in the request")
+
+
 class GenerateResponse(BaseModel):
-    """POST /v1/generate without `stream` (also the data of the stream's `done` event)."""
+    """POST /v1/generate without `stream` (also the data of the stream's `done` event). The top-level fields are
+    choice 0's; with n > 1, `choices` holds every choice and `usage`/`timings` cover them all."""
 
     id: str
     model: str
@@ -90,6 +103,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
     timings: Timings
     logprobs: list[GenerateLogprob] | None = Field(None, description="only with `logprobs` in the request")
+    choices: list[GenerateChoice] | None = Field(None, description="every choice, present when n > 1")
 
 
 class CompletionLogprobs(BaseModel):
@@ -257,10 +271,11 @@ class ServedModel(BaseModel):
 class TokenEvent(BaseModel):
     """/v1/generate `event: token`: one sampled token and the text it makes safe to show (may be "")."""
 
-    index: int
+    index: int = Field(description="the token's position in its choice's output")
     id: int
     text: str
     logprob: GenerateLogprob | None = Field(None, description="only with `logprobs` in the request")
+    choice: int = Field(description="which of the request's n choices it belongs to")
 
 
 class CompletionChunkChoice(BaseModel):
@@ -446,10 +461,15 @@ _SETTING_BOUNDS = {
     ("ChatCompletionRequest", "max_tokens"): ("maximum", "max_new_tokens"),
     ("ChatCompletionRequest", "max_completion_tokens"): ("maximum", "max_new_tokens"),
     ("GenerateRequest", "prompt"): ("maxLength", "max_prompt_chars"),
+    ("GenerateRequest", "regex"): ("maxLength", "max_schema_bytes"),  # bytes: a non-ASCII one may be 422 sooner
+    ("GenerateRequest", "grammar"): ("maxLength", "max_schema_bytes"),
     ("CompletionRequest", "prompt"): ("maxLength", "max_prompt_chars"),
     ("ChatCompletionRequest", "messages"): ("maxItems", "max_messages"),
     ("TokenizeRequest", "prompt"): ("maxLength", "max_prompt_chars"),
     ("TokenizeRequest", "messages"): ("maxItems", "max_messages"),
+    ("GenerateRequest", "n"): ("maximum", "n_limit"),
+    ("CompletionRequest", "n"): ("maximum", "n_limit"),
+    ("ChatCompletionRequest", "n"): ("maximum", "n_limit"),
 }
 
 

@@ -13,9 +13,12 @@ Ray is imported only inside `run()`: `serve_cli` checks it is installed before c
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,11 @@ from pocketgpt.app.settings import Settings
 
 APP_NAME = "pocketgpt"  # the same names as app/ray_serve.py, which this module must not import (it loads ray)
 DEPLOYMENT = "PocketGPT"
+ROUTER = "PocketGPTRouter"  # the HTTP ingress in front of the replicas (app/ray_serve.py says why)
 IMPORT_PATH = "pocketgpt.app.ray_serve:app"
 DEPLOY_TIMEOUT_S = 900.0
+LOCAL_START_ATTEMPTS = 3
+DELETE_WAIT_S = 20.0  # for Serve to take our application down at exit (its replicas' graceful shutdown)
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -94,9 +100,17 @@ def serve_config(settings: Settings, *, replicas: int | None, autoscale: tuple[i
         }
     else:
         deployment["num_replicas"] = replicas or 1
+    most = autoscale[1] if autoscale is not None else (replicas or 1)
+    router: dict[str, Any] = {
+        "name": ROUTER, "num_replicas": 1,
+        # It only relays bytes; reserving no CPU keeps it off the replicas' budget (and schedulable anywhere).
+        "ray_actor_options": {"num_cpus": 0},
+        # Every request the replicas can hold passes through it, so it must hold as many.
+        "max_ongoing_requests": most * deployment["max_ongoing_requests"],
+    }
     return {"applications": [{
         "name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-        "runtime_env": {"env_vars": replica_env(settings)}, "deployments": [deployment],
+        "runtime_env": {"env_vars": replica_env(settings)}, "deployments": [deployment, router],
     }]}
 
 
@@ -111,13 +125,14 @@ def run(settings: Settings, address: str, *, replicas: int | None, autoscale: tu
     # From here on SIGTERM unwinds like Ctrl-C does, through the clean-up below, even while deploying.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
+        _init_ray(ray, address)
         use_gpus = settings.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1
         config = serve_config(settings, replicas=replicas, autoscale=autoscale, replica_cpus=replica_cpus,
                               gpus_per_replica=1 if use_gpus else 0)
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+        _start_serve(serve, {"host": settings.host, "port": settings.port}, deadline)
         _get_global_client().deploy_apps(ServeDeploySchema(**config))
-        problem = _wait_running(serve)
+        problem = _wait_ready(serve, _routes_url(settings), deadline)
         if problem:
             print(f"pocketgpt serve --ray: the deployment failed: {problem}", file=sys.stderr)
             return 1
@@ -131,24 +146,90 @@ def run(settings: Settings, address: str, *, replicas: int | None, autoscale: tu
         return 0
     finally:
         # Remove our application (Serve's apps outlive their driver on a cluster that was already running),
-        # without waiting on a cluster that may be going down too; a local instance we started stops with us.
+        # waiting a bounded time on a cluster that may be going down too; a local instance stops with us.
         if ray.is_initialized():
-            with contextlib.suppress(Exception):
-                serve.delete(APP_NAME, _blocking=False)
+            deleting = threading.Thread(target=_delete_app, args=(serve,), daemon=True)
+            deleting.start()
+            deleting.join(DELETE_WAIT_S)
             ray.shutdown()
 
 
-def _wait_running(serve: Any, timeout_s: float = DEPLOY_TIMEOUT_S) -> str | None:
-    """None once the application is RUNNING; the reason when it failed (or timed out)."""
-    deadline = time.monotonic() + timeout_s
+def _delete_app(serve: Any) -> None:
+    with contextlib.suppress(Exception):
+        serve.delete(APP_NAME)
+
+
+def _init_ray(ray: Any, address: str, attempts: int = LOCAL_START_ATTEMPTS) -> None:
+    """Connect to the cluster at `address`, or start a local instance. Ray gives a local raylet a fixed 30 s to
+    register, which a loaded machine can overrun ("The current node timed out during startup"); a local start
+    is tried again (a fresh instance), a cluster address is not (that is the cluster's problem to report)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
+            return
+        except Exception as exc:
+            if address or attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            print(f"pocketgpt serve --ray: the local Ray instance was slow to start ({exc}); trying again",
+                  file=sys.stderr, flush=True)
+            _stop_children()  # the failed instance's GCS, dashboard, ...: Ray leaves them running
+
+
+def _stop_children() -> None:
+    """Kill this process's child processes: before Ray is up, the only ones are those of a local Ray instance
+    that failed to start (ray.init leaves them behind, competing with the next attempt for the CPU)."""
+    import psutil  # a dependency of ray
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
+
+
+def _start_serve(serve: Any, http_options: dict[str, Any], deadline: float) -> None:
+    """`serve.start`, for as long as it takes. Serve waits a fixed 60 s for its HTTP proxy and then raises, though
+    the proxy is still coming up (a loaded machine takes longer); a second call finds the controller started by
+    the first and returns at once, and `_wait_ready` then waits for the proxy itself."""
+    while True:
+        try:
+            serve.start(http_options=http_options)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            print("pocketgpt serve --ray: still waiting for Ray Serve's HTTP proxy", file=sys.stderr, flush=True)
+
+
+def _routes_url(settings: Settings) -> str:
+    """The local proxy's route table (Serve's `/-/routes`), where this process can reach it."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}/-/routes"
+
+
+def _routes_ready(url: str) -> bool:
+    """Whether the proxy at `url` routes "/" to our application (it learns routes after the deploy, so an
+    application RUNNING is not yet one the proxy sends requests to)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read()).get("/") == APP_NAME
+    except (OSError, ValueError):
+        return False  # not listening yet, or not answering JSON yet
+
+
+def _wait_ready(serve: Any, routes_url: str, deadline: float) -> str | None:
+    """None once the application is RUNNING, every proxy HEALTHY and the local one routes to us; the reason
+    when the application failed (or the deadline passed)."""
     while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "RUNNING":
+        status = serve.status()
+        app = status.applications.get(APP_NAME)
+        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            return app.message or app.status
+        proxies_up = bool(status.proxies) and all(p == "HEALTHY" for p in status.proxies.values())
+        if app is not None and app.status == "RUNNING" and proxies_up and _routes_ready(routes_url):
             return None
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            return status.message or status.status
         time.sleep(0.5)
-    return f"not running after {timeout_s:.0f}s"
+    return f"not serving after {DEPLOY_TIMEOUT_S:.0f}s"
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

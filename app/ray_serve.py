@@ -1,5 +1,11 @@
 """The Ray Serve side of `pocketgpt serve --ray`: each replica runs the same FastAPI app with its own engine.
 
+Two deployments: `PocketGPTRouter`, the HTTP ingress (Serve's proxy hands it every request), and `PocketGPT`,
+the model replicas. The router forwards each request through a streaming DeploymentHandle (Serve balances
+those over the replicas) and relays the answer (app/asgi_relay.py). It is there so that a replica dying
+mid-stream ends its streams with an `error` event: with the replica itself as the ingress, its death just
+cut the proxy's HTTP response.
+
 Imported only in Ray mode (it imports ray at the top); `app/ray_cli.py` deploys it by import path
 (`pocketgpt.app.ray_serve:app`) with a Serve config, so that the deployment's code version stays fixed and a
 change of `user_config` is a lightweight update: Serve calls `reconfigure` on every live replica, and a
@@ -18,20 +24,27 @@ import functools
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import ray
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.context import _get_global_client
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pocketgpt.app.asgi_relay import relay, serve_asgi
 from pocketgpt.app.engine.holder import EngineHolder
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.main import create_app
-from pocketgpt.app.ray_cli import APP_NAME, DEPLOYMENT
+from pocketgpt.app.ray_cli import APP_NAME, DEPLOYMENT, ROUTER
 from pocketgpt.app.settings import Settings
 from pocketgpt.model.checkpoint import load_checkpoint
 
@@ -39,6 +52,9 @@ REPLICA_HEADER = "x-pocketgpt-replica"
 SWAP_TIMEOUT_S = 600.0  # every replica loads the checkpoint; a large model on a busy cluster takes a while
 
 log = logging.getLogger("pocketgpt.ray")
+
+# What a streaming handle call raises when the replica behind it is gone (died, or being replaced).
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 # Admin routes that create or steer training jobs: one job manager must own the queue and the trainer
 # processes, so replicas (N identical processes) run no jobs. See README "Scaling out".
@@ -99,6 +115,23 @@ class PocketGPT:
             return  # this replica swapped first (it took the admin call), or nothing changed
         await holder.swap(checkpoint, wait_drained=False)
         log.info("replica %s serves %s", self.app.state.replica["id"], checkpoint)
+
+    async def forward(self, request: dict[str, Any]) -> AsyncIterator[tuple]:
+        """One request relayed by the router, through this replica's app; its response as it is sent."""
+        async for item in serve_asgi(self.app, request):
+            yield item
+
+
+@serve.deployment(name=ROUTER)
+class PocketGPTRouter:
+    """The HTTP ingress: relays every request to a model replica and ends a stream cut by its death cleanly."""
+
+    def __init__(self, replicas: DeploymentHandle) -> None:
+        self.replicas = replicas.options(stream=True)
+        self.max_body_bytes = Settings().max_body_bytes
+
+    async def __call__(self, request: Request) -> Response:
+        return await relay(request, self.replicas.forward.remote, self.max_body_bytes, REPLICA_GONE)
 
 
 async def publish_checkpoint(holder: EngineHolder, path: Path) -> None:
@@ -162,4 +195,4 @@ def replica_info() -> dict[str, Any]:
     return {"id": ctx.replica_id.unique_id, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
-app = PocketGPT.bind()
+app = PocketGPTRouter.bind(PocketGPT.bind())

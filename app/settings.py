@@ -47,13 +47,18 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(32_000, ge=1, description="upper bound for a prompt's length in characters "
                                   "(for chat: the messages' content together)")
     max_messages: int = Field(256, ge=1, le=2048, description="upper bound for a chat request's number of messages")
+    max_schema_bytes: int = Field(16_384, ge=1, description="upper bound for a structured-output constraint: a "
+                                  "JSON schema (as compact JSON), a regex or a grammar, in bytes")
+    max_n: int = Field(8, ge=1, le=128, description="upper bound for a request's `n`: choices sampled from one "
+                       "prefill, each holding a KV slot (so n is also bounded by max_running)")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body limit (413 beyond)")
     request_timeout: float = Field(300.0, gt=0, description="seconds from admission to the last token")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     prefix_cache_slots: float = Field(2.0, ge=0, description="room for shared prompt prefixes' keys and values, "
                                       "in KV slots' worth of tokens (each a full context); 0 turns it off")
-    speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding for greedy "
-                                    "requests: the longest draft verified per step (0: off)")
+    speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding for "
+                                    "unpenalized requests, greedy or sampled (outputs unchanged): the longest "
+                                    "draft verified per step (0: off)")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
     sse_ping: float = Field(15.0, ge=0, description="seconds between SSE keep-alive comments (0: off)")
     shutdown_grace_s: float = Field(3.0, ge=0, description="seconds requests in flight get to finish after "
@@ -112,6 +117,11 @@ class Settings(BaseSettings):
             raise ValueError(f"dtype must be one of {DTYPES}, got {value!r}")
         return value
 
+    @property
+    def n_limit(self) -> int:
+        """The largest `n` a request may ask for: its choices are decoded together, each in a KV slot."""
+        return min(self.max_n, self.max_running)
+
     def limits(self) -> dict[str, Any]:
         """The request limits, as reported by GET /info."""
         return {
@@ -120,6 +130,8 @@ class Settings(BaseSettings):
             "max_new_tokens": self.max_new_tokens,
             "max_prompt_chars": self.max_prompt_chars,
             "max_messages": self.max_messages,
+            "max_schema_bytes": self.max_schema_bytes,
+            "max_n": self.max_n,
             "max_body_bytes": self.max_body_bytes,
             "request_timeout": self.request_timeout,
             "prefill_chunk": self.prefill_chunk,

@@ -205,7 +205,8 @@ One replica sustained {cap['per_replica_tok_s']:.0f} tokens/s at {r['streams']} 
 {cap['tokens_per_request']} tokens per request and {cap['headroom']:.0%} target utilisation that is
 {cap['requests_per_s_per_replica']:.2f} requests/s per replica, so
 `{cap['formula']}`: {examples} (replicas of this model size on this hardware). Replicas add capacity linearly
-while each has its own cores or GPU (the proxy adds a hop, not shared work); on one host they share it.
+while each has its own cores or GPU (the proxy and the router add hops, not shared work); on one host they
+share it.
 With `--autoscale MIN:MAX` Serve adds a replica when ongoing requests per replica exceed `--max-running`.
 """
 

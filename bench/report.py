@@ -264,7 +264,7 @@ def render(results: dict[str, Any], md_dir: Path, json_path: Path, images: dict[
     if budget.is_file():
         import json
 
-        from bench.budget import markdown_section
+        from bench.budget_report import markdown_section
 
         lines += [*markdown_section(json.loads(budget.read_text()), _rel(budget, md_dir)), ""]
     if ANALYSIS.is_file():

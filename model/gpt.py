@@ -172,7 +172,7 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def prepare_inference(self, transpose_weights: bool | None = None) -> GPT:
+    def prepare_inference(self, transpose_weights: bool | None = None, onednn: bool | None = None) -> GPT:
         """Make a model that only serves ready for fast cached decoding; returns the model.
 
         `forward_cached` then runs `FlatForward` (the same operations without the module calls, bitwise
@@ -180,7 +180,8 @@ class GPT(nn.Module):
         of a contiguous [in, out] matrix: same values and shapes, but F.linear then multiplies by a row-major
         [in, out] matrix, which runs decode's matrix-vector products much faster on CPU (the LM head of a
         384-wide, 8192-token model about 3x). Going back to training (`train()`) or moving the model drops the
-        fast path; the layout only costs speed there.
+        fast path; the layout only costs speed there. `onednn` (default: where available, CPU float32) runs
+        products of two or more rows on oneDNN (see model/fastpath.py): equal within float rounding, not bitwise.
         """
         self.eval()
         if transpose_weights is None:
@@ -190,7 +191,7 @@ class GPT(nn.Module):
                 for module in self.modules():
                     if isinstance(module, nn.Linear) and module.weight.is_contiguous():
                         module.weight.data = module.weight.data.t().contiguous().t()
-        self._flat = FlatForward(self)
+        self._flat = FlatForward(self, onednn)
         return self
 
     def train(self, mode: bool = True) -> GPT:

@@ -49,6 +49,11 @@ class KVCache:
         return cls(cfg.n_layer, n_slots, max_len or cfg.block_size, cfg.kv_heads, cfg.head_dim,
                    param.device, param.dtype)
 
+    def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
+        """Copy positions [0, length) of slot `src` into each slot of `dst` (n choices of one prompt)."""
+        for cache in (self.k, self.v):
+            cache[:, dst, :, :length] = cache[:, src : src + 1, :, :length]
+
     def batch(self, slots: list[int], starts: list[int], n_new: int) -> CacheBatch:
         """Describe a forward pass writing `n_new` tokens per row into `slots`, starting at `starts`."""
         return CacheBatch(self, slots, starts, n_new)

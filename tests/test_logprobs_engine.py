@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from pocketgpt.app.engine.engine import Engine
+from pocketgpt.app.engine.grammar import GrammarSpec
+from pocketgpt.app.engine.speculate import may_draft
 from pocketgpt.app.engine.types import DoneEvent, GenRequest, Logprob, PromptEvent, TokenEvent
 from pocketgpt.model.checkpoint import load_checkpoint
 from pocketgpt.model.sampling import SamplingParams
@@ -144,3 +146,18 @@ def test_a_request_with_logprobs_does_not_change_its_batch(engine: Engine) -> No
     assert mixed[0].logprobs[0] is None and mixed[1].logprobs[0] is not None
     # Each token's logprob is the same whether its request ran with others asking or all asking.
     assert [e.logprob for e in mixed[1].logprobs] == pytest.approx([e.logprob for e in scored[1].logprobs], abs=1e-5)
+
+
+def test_constrained_rows_report_the_raw_distribution_and_logprob_rows_do_not_draft(engine: Engine) -> None:
+    prompt = prompt_ids(engine)[:24]
+    constraint = engine.grammars.constraint(GrammarSpec("regex", "[0-9]{6}"))
+    request = GenRequest(prompt, 10, GREEDY, logprobs=3, constraint=constraint)
+    assert not may_draft(request) and may_draft(GenRequest(prompt, 10, GREEDY))  # the engine drafts (spec_tokens)
+    assert not may_draft(GenRequest(prompt, 10, GREEDY, logprobs=0))
+    out = asyncio.run(collect(engine, request))
+    text = engine.tokenizer.decode(out.ids)
+    assert text.isdigit() and len(text) == 6  # the grammar held
+    ref = reference(engine, prompt + out.ids)
+    for j, (token, entry) in enumerate(zip(out.ids, out.logprobs, strict=True)):
+        # Not the masked distribution (where the chosen digit would be the top-1 with all the mass): the model's.
+        assert_matches(entry, ref[len(prompt) - 1 + j], token, 3)

@@ -209,3 +209,40 @@ def test_a_request_with_logprobs_among_others_gets_the_tokens_it_gets_alone(url:
         together = list(pool.map(lambda i: ask(i, 3 if i == 1 else None), range(len(prompts))))
     assert together[1] == prompts[1] + alone[1]  # the one with logprobs (and echo)
     assert together[:1] + together[2:] == alone[:1] + alone[2:]
+
+
+def test_n2_with_logprobs_gives_each_choice_its_own(url: str) -> None:  # noqa: F811
+    c = client(url)
+    kwargs = {"model": "untied", "prompt": "A journey of", "max_tokens": 10, "temperature": 1.0, "seed": 11,
+              "logprobs": 2}
+    out = c.completions.create(**kwargs, n=2)
+    assert [ch.index for ch in out.choices] == [0, 1]
+    lengths = []
+    for ch in out.choices:  # choice i is the n=1 answer for seed + i, logprobs included
+        alone = c.completions.create(**{**kwargs, "seed": 11 + ch.index}).choices[0]
+        lp = ch.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+        assert lp.tokens == alone.logprobs.tokens and ch.text == alone.text
+        assert lp.token_logprobs == pytest.approx(alone.logprobs.token_logprobs, abs=1e-4)
+        lengths.append(len(lp.tokens))
+    assert sum(lengths) == out.usage.completion_tokens
+    assert out.choices[0].logprobs.tokens != out.choices[1].logprobs.tokens  # two seeds, two samples
+    # Streamed, each index's chunks carry that choice's logprobs (text offsets running on per choice).
+    parts: dict[int, list[dict]] = {0: [], 1: []}
+    for chunk in c.completions.create(**kwargs, n=2, stream=True):
+        for ch in chunk.choices:
+            if ch.logprobs:
+                parts[ch.index].append(ch.logprobs.model_dump())
+    for ch in out.choices:
+        streamed = merge(parts[ch.index])
+        assert streamed["tokens"] == ch.logprobs.tokens and streamed["text_offset"] == ch.logprobs.text_offset
+    # With echo, every choice carries the prompt and its logprobs (one prefill, the same numbers).
+    echo = c.completions.create(**kwargs, n=2, echo=True)
+    n_prompt = echo.usage.prompt_tokens
+    first, second = (ch.logprobs for ch in echo.choices)
+    assert first.tokens[:n_prompt] == second.tokens[:n_prompt] and first.token_logprobs[0] is None
+    assert first.token_logprobs[:n_prompt] == second.token_logprobs[:n_prompt]
+    for ch, plain in zip(echo.choices, out.choices, strict=True):
+        assert ch.text == "A journey of" + plain.text and ch.logprobs.tokens[n_prompt:] == plain.logprobs.tokens
+    scored = c.completions.create(**{**kwargs, "max_tokens": 0}, n=2, echo=True)
+    assert [ch.logprobs.token_logprobs for ch in scored.choices] == [first.token_logprobs[:n_prompt]] * 2

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from pocketgpt.model.checkpoint import load_checkpoint, load_train_state
 from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.errors import UserError
+from pocketgpt.training.export_hf import export_hf
 from pocketgpt.training.import_hf import import_hf
 from pocketgpt.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSpec, attach, merged
 from pocketgpt.training.metrics import read_metrics
@@ -85,14 +86,40 @@ def test_lora_trains_adapters_only_and_saves_merged_and_adapter(setup, tmp_path:
     # The adapter beside the weights reproduces the merged update.
     folder = tmp_path / "run" / "last"
     adapter = load_file(str(folder / ADAPTER_WEIGHTS))
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    assert (config["r"], config["alpha"], config["targets"]) == (2, 8.0, ["q", "v"])
-    a0, b0 = adapter["h.0.attn.c_attn.lora_a.0"], adapter["h.0.attn.c_attn.lora_b.0"]
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())  # PEFT's format (the Llama layout)
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 2, 8.0)
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["base_model_name_or_path"] == str(base)
+    assert len(adapter) == 2 * 2 * 2  # layers x targets x (A, B)
+    prefix = "base_model.model.model.layers.0.self_attn"
+    a0, b0 = adapter[f"{prefix}.q_proj.lora_A.weight"], adapter[f"{prefix}.q_proj.lora_B.weight"]
     assert a0.shape == (2, c.n_embd) and b0.shape == (q, 2)
     torch.testing.assert_close(w_new[:q] - w_old[:q], (b0 @ a0) * 4.0, atol=1e-5, rtol=1e-4)
+    a1, b1 = adapter[f"{prefix}.v_proj.lora_A.weight"], adapter[f"{prefix}.v_proj.lora_B.weight"]
+    torch.testing.assert_close(w_new[q + kv :] - w_old[q + kv :], (b1 @ a1) * 4.0, atol=1e-5, rtol=1e-4)
     # Optimizer state exists for the adapters only: 2 layers x 2 targets x (A, B).
     state = load_train_state(folder)
     assert len(state["optimizer"]["state"]) == 8 and len(state["lora"]) == 8
+
+
+def test_peft_loads_the_adapter_onto_the_exported_base_model(setup, tmp_path: Path) -> None:
+    """--save-adapter's folder is a PEFT adapter: PeftModel on `pocketgpt export`'s base model computes the
+    logits of pocketgpt's merged checkpoint."""
+    import peft
+    import transformers
+
+    base, data = setup
+    _train(base, data, tmp_path / "run", 4, lora_r=2, lora_targets="q,k,v,o,gate,up,down", save_adapter=True)
+    export_hf(load_checkpoint(base), tmp_path / "base-hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base-hf", dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "last").eval()
+    x = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = load_checkpoint(tmp_path / "run" / "last").model.eval()
+    with torch.no_grad():
+        theirs, want = adapted(x).logits, ours(x)[0]
+        with adapted.disable_adapter():
+            base_logits = adapted(x).logits
+    torch.testing.assert_close(theirs, want, atol=1e-4, rtol=1e-4)
+    assert (base_logits - want).abs().max() > 1e-3  # the adapter is what makes them equal
 
 
 def test_lora_resume_continues_exactly(setup, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pocketgpt.model.sampling as sampling
 from pocketgpt.app.engine.engine import Engine
@@ -21,6 +22,7 @@ from pocketgpt.app.engine.scheduler import Scheduler
 from pocketgpt.app.engine.types import GenRequest, TokenEvent
 from pocketgpt.model.checkpoint import load_checkpoint
 from pocketgpt.model.config import ModelConfig
+from pocketgpt.model.fastpath import onednn_linear
 from pocketgpt.model.gpt import GPT
 from pocketgpt.model.kv_cache import KVCache
 from pocketgpt.model.sampling import SamplingParams, make_generator, sample
@@ -61,7 +63,7 @@ PASSES = [
 @pytest.mark.parametrize("transpose", [False, True])
 def test_flat_forward_is_bitwise_equal_to_the_modules(layout: str, transpose: bool) -> None:
     ref = make_model(layout)
-    fast = copy.deepcopy(ref).prepare_inference(transpose_weights=transpose)
+    fast = copy.deepcopy(ref).prepare_inference(transpose_weights=transpose, onednn=False)
     if transpose:  # the module path on the same (transposed) weights
         ref.prepare_inference(transpose_weights=True)
         ref._flat = None
@@ -73,6 +75,28 @@ def test_flat_forward_is_bitwise_equal_to_the_modules(layout: str, transpose: bo
         b = fast.forward_cached(idx, c_fast, slots, starts, last_only=lengths is None, lengths=lengths)
         assert torch.equal(a, b), (slots, starts)
     assert torch.equal(c_ref.k, c_fast.k) and torch.equal(c_ref.v, c_fast.v)
+
+
+@pytest.mark.parametrize("layout", ["modern", "gpt2", "gqa"])
+def test_onednn_products_match_the_modules_and_do_not_depend_on_the_batch(layout: str) -> None:
+    """Multi-row products on oneDNN: within float rounding of the module path, and a row's logits are the
+    same bits in every batch of two or more rows it is part of (so batching never changes a greedy token)."""
+    if onednn_linear(torch.ones(1, 1)) is None:
+        pytest.fail("this torch has no oneDNN linear on CPU: the serving fast path falls back to F.linear")
+    ref = make_model(layout)
+    fast = copy.deepcopy(ref).prepare_inference(onednn=True)
+    assert fast._flat.linear is not F.linear
+    c_ref, c_fast = KVCache.for_model(ref, 4), KVCache.for_model(fast, 4)
+    gen = torch.Generator().manual_seed(1)
+    for slots, starts, n, lengths in PASSES:
+        idx = torch.randint(0, V, (len(slots), n), generator=gen)
+        a = ref.forward_cached(idx, c_ref, slots, starts, last_only=lengths is None, lengths=lengths)
+        b = fast.forward_cached(idx, c_fast, slots, starts, last_only=lengths is None, lengths=lengths)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
+    x = torch.randn(8, 32, generator=gen)
+    whole = fast._flat.logits(x)
+    for rows in (slice(0, 2), slice(3, 6), slice(1, 8)):
+        assert torch.equal(fast._flat.logits(x[rows]), whole[rows])
 
 
 def test_transposed_weights_keep_values_and_training_drops_the_fast_path() -> None:
@@ -218,7 +242,7 @@ def test_engine_with_static_decode_and_batched_prefill_matches_the_plain_engine(
 def test_prefill_plan_cuts_on_the_granule_grid_within_the_budget() -> None:
     def seq(n: int, prefilled: int = 0) -> SimpleNamespace:
         return SimpleNamespace(request=SimpleNamespace(prompt_ids=list(range(n))), prefilled=prefilled,
-                               prefilling=prefilled < n)
+                               prefilling=prefilled < n, leader=None)
 
     sched = Scheduler(4, 4)
     a, b, c = seq(40), seq(5), seq(20, prefilled=8)

@@ -10,6 +10,7 @@ Screenshots go to a temporary directory (printed at the end of the run), or to $
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -355,3 +356,19 @@ def test_phone_width_has_no_horizontal_overflow_light_and_dark(browser, server, 
         finally:
             context.close()
         assert errors == []
+
+
+def test_json_schema_box_constrains_the_output(page, server) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    page.fill("#prompt", "A number:")
+    set_sampling(page, **{"max-tokens": 30, "temperature": 1.0, "seed": 3})
+    page.fill("#json-schema", "{not json")
+    page.click("#gen-start")
+    assert "not valid JSON" in page.inner_text("#gen-error")  # refused in the page, nothing sent
+    page.fill("#json-schema", json.dumps(schema))
+    page.click("#gen-start")
+    page.wait_for_selector("#gen-output[data-state=done]")
+    assert page.inner_text("#stat-finish") == "eos"  # the grammar completed the output
+    out = json.loads(page.inner_text("#gen-text"))
+    assert set(out) == {"n"} and 0 <= out["n"] <= 99

@@ -90,7 +90,11 @@ def test_autoscale_target_follows_max_running(tmp_path: Path) -> None:
     settings = Settings(checkpoint=tmp_path / "ckpt", max_running=6, max_queue=10)
     config = serve_config(settings, replicas=None, autoscale=(1, 3), replica_cpus=2, gpus_per_replica=1)
     (app,) = config["applications"]
-    (deployment,) = app["deployments"]
+    deployment, router = app["deployments"]
+    assert deployment["name"] == "PocketGPT" and router["name"] == "PocketGPTRouter"
+    # One router relays every request the replicas can hold (at most 3 x 16), and reserves no CPU of theirs.
+    assert router == {"name": "PocketGPTRouter", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                      "max_ongoing_requests": 48}
     assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6}
     assert "num_replicas" not in deployment
     assert deployment["max_ongoing_requests"] == 16
@@ -154,3 +158,31 @@ def test_jobs_go_to_ray_only_when_configured() -> None:
     assert cmd is not None and cmd[1:3] == ["-m", "pocketgpt.app.jobs.ray_jobs"]
     assert cmd[cmd.index("--address") + 1] == "http://head:8265" and cmd[cmd.index("--gpus") + 1] == "1.0"
     assert int(cmd[cmd.index("--stop-wait") + 1]) < 30 and cmd[-1] == "--"
+
+
+class _SlowRay:
+    """`ray.init` that times out starting a local node `failures` times, as Ray's fixed 30 s wait does under load."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def init(self, **kwargs: object) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+
+def test_a_slow_local_ray_start_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pocketgpt.app import ray_cli
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(ray_cli, "_stop_children", lambda: stopped.append(True))
+    ray = _SlowRay(failures=2)
+    ray_cli._init_ray(ray, "")
+    assert ray.calls == 3 and len(stopped) == 2  # the failed instances' processes are cleared each time
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_cli._init_ray(_SlowRay(failures=3), "")  # up to LOCAL_START_ATTEMPTS
+    cluster = _SlowRay(failures=1)
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_cli._init_ray(cluster, "head:6379")  # a cluster's own failure is reported, not retried
+    assert cluster.calls == 1

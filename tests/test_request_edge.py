@@ -1,6 +1,6 @@
 """Bad input at the request edge, over a real server: strict types, bodies that are not JSON, typed conflicts,
 Last-Event-ID, bounded metrics labels, bounded chat messages rendered once, and OpenAI compatibility (model ids,
-GET /v1/models/{id}, refused tools/response_format, stream_options, special-token text in prompts)."""
+GET /v1/models/{id}, refused tools, uncompilable response_format, stream_options, special-token text in prompts)."""
 
 from __future__ import annotations
 
@@ -226,7 +226,8 @@ def test_models_retrieve_and_unknown_models(server) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize(("extra", "status", "param"), [
-    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}, 400,
+     "response_format.json_schema"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"functions": [{"name": "f"}]}, 400, "functions"),
     ({"tool_choice": "auto"}, 400, "tool_choice"),

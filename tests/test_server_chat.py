@@ -54,13 +54,15 @@ def test_a_checkpoint_without_template_is_a_clear_400(tiny_checkpoint: Path) -> 
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
-    ({"n": 2}, 400, "n"),
+    ({"n": 9}, 422, "n"),  # above POCKETGPT_MAX_N (8)
+    ({"n": 0}, 422, "n"),
     ({"top_logprobs": 3}, 422, "top_logprobs"),  # needs logprobs: true
     ({"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),
     ({"functions": [{"name": "f"}]}, 400, "functions"),
     ({"tool_choice": "auto"}, 400, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}, 400,
+     "response_format.json_schema"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages.0.content"),
@@ -115,3 +117,25 @@ def test_end_marker_stops_generation(chat_checkpoint: Path) -> None:
         assert r["choices"][0]["finish_reason"] == "stop"
         assert r["usage"] == {"prompt_tokens": n, "completion_tokens": len(answer) + 1,
                               "total_tokens": n + len(answer) + 1, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_n_choices_in_the_chat_shape(url: str) -> None:
+    """n=2 with the openai SDK: two seeded messages (choice 1 is seed + 1's), streamed as role deltas and
+    content per index, each index ending with its finish_reason."""
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    kwargs = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12,
+              "temperature": 1.0, "seed": 5}
+    out = c.chat.completions.create(**kwargs, n=2)
+    one = c.chat.completions.create(**{**kwargs, "seed": 6})
+    assert [ch.index for ch in out.choices] == [0, 1]
+    assert out.choices[1].message.content == one.choices[0].message.content
+    assert out.usage.completion_tokens > one.usage.completion_tokens
+    content, roles, finishes = ["", ""], [0, 0], [0, 0]
+    for chunk in c.chat.completions.create(**kwargs, n=2, stream=True):
+        for ch in chunk.choices:
+            assert not finishes[ch.index]
+            roles[ch.index] += ch.delta.role == "assistant"
+            content[ch.index] += ch.delta.content or ""
+            finishes[ch.index] += bool(ch.finish_reason)
+    assert content == [ch.message.content for ch in out.choices]
+    assert roles == [1, 1] and finishes == [1, 1]

@@ -87,7 +87,9 @@ def test_openai_stop_and_lenient_fields(url: str) -> None:
 
 
 @pytest.mark.parametrize(("extra", "param", "status"), [
-    ({"n": 2}, "n", 400),
+    ({"n": 9}, "n", 422),  # above POCKETGPT_MAX_N (8)
+    ({"n": 0}, "n", 422),
+    ({"n": 3, "best_of": 5}, "best_of", 400),  # ranking choices is not supported; best_of = n is
     ({"logprobs": 21}, "logprobs", 422),
     ({"logprobs": -1}, "logprobs", 422),
     ({"max_tokens": 0}, "max_tokens", 422),  # 0 only with echo
@@ -108,7 +110,7 @@ def test_openai_refusals(url: str, extra: dict, param: str, status: int) -> None
 
 def test_openai_client_raises_on_error_status(url: str) -> None:
     with pytest.raises(openai.BadRequestError):
-        client(url).completions.create(model="untied", prompt="hi", n=3)
+        client(url).completions.create(model="untied", prompt="hi", n=2, best_of=4)
 
 
 def test_models_route(url: str) -> None:

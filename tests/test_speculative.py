@@ -1,4 +1,5 @@
-"""N-gram speculative decoding: drafting, and outputs identical to plain decoding inside continuous batching."""
+"""N-gram speculative decoding: drafting, greedy outputs identical to plain decoding inside continuous batching,
+and sampled outputs distributed exactly as without drafts."""
 
 from __future__ import annotations
 
@@ -22,30 +23,47 @@ from tests.conftest import make_tiny_checkpoint, small_corpus
 
 def test_drafter_copies_what_followed_the_latest_earlier_occurrence() -> None:
     history = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]
-    assert NgramDrafter(history, k_max=3).propose(10) == [7, 8, 6]  # "2 3" last came before "7 8 6"
+    assert NgramDrafter(history, k_max=3, k_start=3).propose(10) == [7, 8, 6]  # "2 3" last came before "7 8 6"
     history[-3] = 1
-    assert NgramDrafter(history, k_max=3).propose(10) == [4, 5, 9]  # the trigram "1 2 3" wins over the bigram
+    assert NgramDrafter(history, k_max=3, k_start=3).propose(10) == [4, 5, 9]  # "1 2 3" beats "2 3"
     history[:] = [1, 2, 3, 4, 5, 1, 2, 3]
-    d = NgramDrafter(history, k_max=3)
+    d = NgramDrafter(history, k_max=3, k_start=3)
     assert d.propose(10) == [4, 5, 1]
     assert d.propose(2) == [4, 5]  # never past the limit
     history.append(4)  # the history grows: the index catches up
     assert d.propose(10) == [5, 1, 2]
-    assert NgramDrafter([5, 6, 7, 8], k_max=3).propose(10) == []  # no repeat, no draft
+    assert NgramDrafter([5, 6, 7, 8], k_max=3, k_start=3).propose(10) == []  # no repeat, no draft
 
 
 def test_drafter_adapts_and_pauses_when_drafts_stop_paying() -> None:
-    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4)
+    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4, patience=2, k_start=4)
     d.adapt(4, 1)
     assert d.k == 2  # what was accepted, plus one
     d.adapt(2, 2)
     assert d.k == 3
-    for _ in range(3):
+    assert d.k == 3
+
+    def paused_for() -> int:
+        n = 0
+        while not d.propose(10):
+            n += 1
+        return n
+
+    for pause in (16, 32, 64):  # each pause that no accepted token interrupts is twice as long
         d.adapt(3, 0)
-    assert d.propose(10) == []  # paused after three misses in a row
-    for _ in range(16):
-        d.propose(10)
-    assert d.propose(10) != []
+        assert d.propose(10) != []  # one miss: still drafting
+        d.adapt(1, 0)
+        assert paused_for() == pause  # two misses in a row: paused
+    d.adapt(1, 1)  # a draft lands: the next pause is short again
+    d.adapt(2, 0)
+    d.adapt(1, 0)
+    assert paused_for() == 16
+    d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4, max_pause=40, patience=2)
+    for _ in range(4):
+        d.adapt(1, 0)
+        d.adapt(1, 0)
+        last = paused_for()
+    assert last == 40
 
 
 async def _run(engine: Engine, request: GenRequest) -> list[int]:
@@ -71,7 +89,7 @@ def contextual_checkpoint(path: Path, **heads: int) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["contextual", "sharpened"])
-def test_speculation_changes_no_output_alone_or_batched(tmp_path: Path, kind: str) -> None:
+def test_speculation_changes_no_output_alone_or_batched_greedy_or_seeded(tmp_path: Path, kind: str) -> None:
     if kind == "contextual":
         path = contextual_checkpoint(tmp_path / kind)
     else:
@@ -85,9 +103,12 @@ def test_speculation_changes_no_output_alone_or_batched(tmp_path: Path, kind: st
                  "the cat the cat the cat", "x = 1\nx = 1\nx = 1\n", "Hello"]
         greedy = SamplingParams(temperature=0.0)
         requests = [GenRequest(tok.encode(t), 60, greedy) for t in texts]
-        # Requests that never draft share the batches: sampled, penalized.
+        # Sampled requests draft too (same seed, same tokens); penalized ones never draft.
         requests += [GenRequest(tok.encode(texts[0]), 40, SamplingParams(temperature=0.9), seed=3),
                      GenRequest(tok.encode(texts[1]), 40, SamplingParams(temperature=0.0, repetition_penalty=1.3))]
+        requests += [GenRequest(tok.encode(t), 50, SamplingParams(temperature=0.05, top_k=k, top_p=p), seed=seed)
+                     for seed, (t, k, p) in enumerate([(texts[0], 0, 1.0), (texts[1], 5, 1.0), (texts[2], 0, 0.9),
+                                                       (texts[3], 3, 0.8), (texts[2], 0, 1.0)])]
 
         async def main() -> None:
             want = [await _run(plain, r) for r in requests]
@@ -95,6 +116,12 @@ def test_speculation_changes_no_output_alone_or_batched(tmp_path: Path, kind: st
             assert list(await asyncio.gather(*(_run(spec, r) for r in requests))) == want  # batched
             # A short max_new_tokens is honoured exactly even when a draft would run past it.
             assert await _run(spec, GenRequest(requests[2].prompt_ids, 3, greedy)) == want[2][:3]
+            # The sampled requests alone: they drafted (and on the contextual model drafts were accepted).
+            before = metrics.spec_draft_tokens._value.get(), metrics.spec_accepted_tokens._value.get()
+            assert [await _run(spec, r) for r in requests[-5:]] == want[-5:]
+            assert metrics.spec_draft_tokens._value.get() > before[0]
+            if kind == "contextual":
+                assert metrics.spec_accepted_tokens._value.get() > before[1]
 
         asyncio.run(main())
     finally:

@@ -13,14 +13,17 @@ from pocketgpt.training.cli import main
 from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.metrics import RECORD_FIELDS, read_metrics
 from pocketgpt.training.planner import (
+    BASE_LR,
     CPU_LADDER,
     GPU_LADDER,
     PLANNED_FIELDS,
     PlanInputs,
     Shape,
     apply_overrides,
+    capped_vocab,
     cjk_vocab_for,
     detect_script,
+    estimate_tokens_per_s,
     make_plan,
 )
 from tests.conftest import CHINESE, CODE, ENGLISH
@@ -73,9 +76,10 @@ def test_cjk_gets_whole_character_vocabulary() -> None:
     wide = plan_for(3_000_000, budget=3600, script="cjk", cjk_vocab=need, flops=1e12)
     assert wide["values"]["n_embd"] >= 256 and wide["values"]["tokenizer_vocab"] >= need
     assert "CJK" in next(r["why"] for r in wide["rows"] if r["name"] == "tokenizer_vocab")
-    narrow = plan_for(3_000_000, budget=60, script="cjk", cjk_vocab=need, flops=1e9)
-    assert narrow["values"]["tokenizer_vocab"] < need
-    assert "capped at 8 per dimension" in next(r["why"] for r in narrow["rows"] if r["name"] == "tokenizer_vocab")
+    # A narrow model (2x96 at 60 s on a slow machine) gets at most 32 types per dimension of an 8,000-character need.
+    narrow = plan_for(3_000_000, budget=60, script="cjk", cjk_vocab=8000, flops=1e9)
+    assert narrow["values"]["n_embd"] == 96 and narrow["values"]["tokenizer_vocab"] == 4096
+    assert "capped at 32 per dimension" in next(r["why"] for r in narrow["rows"] if r["name"] == "tokenizer_vocab")
 
 
 def test_every_planned_value_is_overridden_by_its_flag() -> None:
@@ -97,6 +101,25 @@ def test_every_planned_value_is_overridden_by_its_flag() -> None:
 def test_probe_measures_a_real_shape() -> None:
     rate = autoplan.probe_shape(Shape(1, 2, 32, 16, 4), 300, torch.device("cpu"), seconds=0.05)
     assert 0 < rate < 1e9  # tokens/s: 3+ steps of 64 tokens over their wall time
+
+
+def test_probe_measures_each_shape_with_its_capped_cjk_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    heads: dict[str, int] = {}
+
+    def fake_probe_shape(shape, vocab, device, seconds, limit=None):
+        heads[shape.key] = vocab
+        return 1e9 / shape.flops_per_token(vocab)
+
+    monkeypatch.setattr(autoplan, "probe_shape", fake_probe_shape)
+    inputs = PlanInputs(corpus_bytes=3_000_000, script="cjk", budget_s=130, device="cpu", cjk_vocab=4000)
+    measured = autoplan.probe(inputs, 8192, torch.device("cpu"), lambda _: None)
+    # A CJK table is capped at 32 types per dimension: the probe times the head the run will train with.
+    assert heads and all(v == capped_vocab("cjk", 8192, int(k.split("x")[1])) for k, v in heads.items())
+    assert min(heads.values()) < 8192
+    est = estimate_tokens_per_s(CPU_LADDER, 8192, measured, "cjk")
+    assert est == pytest.approx({s.key: 1e9 / s.flops_per_token(capped_vocab("cjk", 8192, s.n_embd))
+                                 for s in CPU_LADDER})
+    assert capped_vocab("latin", 4096, 128) == 2048 and capped_vocab("latin", 1024, 128) == 1024
 
 
 @pytest.fixture
@@ -139,3 +162,13 @@ def test_a_preset_turns_the_planner_off(tmp_path: Path, fixed_probe) -> None:
     assert main(["train", "--data", str(corpus), "--device", "cpu", "--preset", "tiny", "--block-size", "16",
                  "--tokenizer-vocab", "300", "--max-steps", "1", "--out", str(out)]) == 0
     assert "plan" not in load_checkpoint(out / "last").meta
+
+
+def test_cpu_plans_batch_8_and_the_measured_learning_rate() -> None:
+    cpu = plan_for(1_000_000)["values"]
+    assert cpu["batch_size"] == 8  # more optimizer steps for the same tokens (budget-trials 14, 18)
+    assert cpu["lr"] == pytest.approx(BASE_LR["cpu"] * (128 / cpu["n_embd"]) ** 0.5, abs=1e-5)
+    assert cpu["min_lr"] == pytest.approx(cpu["lr"] / 10, abs=1e-6)
+    gpu = plan_for(10_000_000, budget=600, device="cuda", flops=1e13)["values"]
+    assert gpu["lr"] == pytest.approx(BASE_LR["cuda"] * (128 / gpu["n_embd"]) ** 0.5, abs=1e-5)
+    assert BASE_LR["cpu"] < BASE_LR["cuda"]

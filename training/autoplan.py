@@ -24,6 +24,7 @@ from pocketgpt.training.planner import (
     PlanInputs,
     Shape,
     apply_overrides,
+    capped_vocab,
     cjk_vocab_for,
     detect_script,
     estimate_tokens_per_s,
@@ -112,11 +113,14 @@ def probe(inputs: PlanInputs, vocab: int, device: torch.device, log: Callable[[s
     for i in sorted({max(0, guess - 1), guess, min(len(shapes) - 1, guess + 1)}):
         shape, left = shapes[i], allowance - (time.perf_counter() - t_begin)
         if measured:
-            step_s = shape.batch_size * shape.block_size / estimate_tokens_per_s(shapes, vocab, measured)[shape.key]
+            tps = estimate_tokens_per_s(shapes, vocab, measured, inputs.script)[shape.key]
+            step_s = shape.batch_size * shape.block_size / tps
             if step_s > left:
                 log(f"probe: {shape.key} left out (a step would take ~{step_s:.1f} s), estimated from the others")
                 break
-        measured[shape.key] = probe_shape(shape, vocab, device, max(0.2, left / 3), limit=left)
+        # with the head it will train with: a CJK vocabulary before the width cap made the probe 2x too slow
+        head = capped_vocab(inputs.script, vocab, shape.n_embd)
+        measured[shape.key] = probe_shape(shape, head, device, max(0.2, left / 3), limit=left)
         log(f"probe: {shape.key} (context {shape.block_size}) trains at {measured[shape.key]:,.0f} tok/s")
     return measured
 
@@ -144,7 +148,7 @@ def plan_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) -> 
         inputs = survey(cfg.data, cfg.max_time, device.type)
         vocab = vocab_for(inputs)[0]
         measured = probe(inputs, vocab, device, log)
-        tps = estimate_tokens_per_s(ladder(inputs.device), vocab, measured)
+        tps = estimate_tokens_per_s(ladder(inputs.device), vocab, measured, inputs.script)
         plan = make_plan(inputs, tps, probe_note="probe:")
         given = {k: getattr(cfg, k) for k in cfg.model_fields_set if k in PLANNED_FIELDS}
         plan = apply_overrides(plan, given)

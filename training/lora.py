@@ -3,12 +3,14 @@
 Each targeted projection W gets W x + (alpha / r) B A x, with A (r x in) random and B (out x r) zero, so
 training starts from the model as it is; only A and B train (the optimizer holds state for nothing else).
 Checkpoints store the merged weights W + (alpha / r) B A, a normal checkpoint that serves as is; with
-`--save-adapter` A and B are also written beside the weights (adapter_model.safetensors, adapter_config.json).
+`--save-adapter` A and B are also written beside the weights (adapter_model.safetensors, adapter_config.json),
+in PEFT's format for the Llama layout (lora_peft.py).
 
-A small module rather than the `peft` library: our attention computes q, k and v with one fused matrix
-(c_attn), which peft can only adapt as a whole, so targets q, k and v could not be chosen separately; here each
-target is a slice of the fused matrix's rows with its own A and B. It also keeps `accelerate` and peft's
-transformers dependency out of the trainer.
+A small module rather than the `peft` library for training: our attention computes q, k and v with one fused
+matrix (c_attn), which peft can only adapt as a whole, so targets q, k and v could not be chosen separately;
+here each target is a slice of the fused matrix's rows with its own A and B, which is exactly PEFT's q_proj,
+k_proj and v_proj adapters once written out. It also keeps `accelerate` and peft's transformers dependency out
+of the trainer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketgpt.model.gpt import GPT
+from pocketgpt.training.lora_peft import peft_config, peft_layout, peft_state
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -143,9 +146,16 @@ def restore(model: GPT, state: dict[str, torch.Tensor]) -> None:
 
 
 def adapter_files(model: GPT, spec: LoraSpec, base: str | None) -> dict[str, bytes]:
-    """adapter_model.safetensors and adapter_config.json, as bytes for the checkpoint writer."""
+    """adapter_model.safetensors and adapter_config.json, as bytes for the checkpoint writer: PEFT's format for
+    the Llama layout (see lora_peft.py), pocketgpt's own names for the GPT-2 layout."""
     from safetensors.torch import save
 
-    config = {"format": "pocketgpt-lora/1", "r": spec.r, "alpha": spec.alpha, "targets": list(spec.targets),
-              "base_checkpoint": base, "modules": list(_wrapped(model))}
-    return {ADAPTER_WEIGHTS: save(adapter_state(model)), ADAPTER_CONFIG: (json.dumps(config, indent=2) + "\n").encode()}
+    state = adapter_state(model)
+    if peft_layout(model.config):
+        tensors, config = peft_state(state, model.config, spec.targets), peft_config(spec.r, spec.alpha,
+                                                                                    spec.targets, base)
+    else:
+        tensors = state
+        config = {"format": "pocketgpt-lora/1", "r": spec.r, "alpha": spec.alpha, "targets": list(spec.targets),
+                  "base_checkpoint": base, "modules": list(_wrapped(model))}
+    return {ADAPTER_WEIGHTS: save(tensors), ADAPTER_CONFIG: (json.dumps(config, indent=2) + "\n").encode()}

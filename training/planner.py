@@ -8,11 +8,12 @@ Rules, in order (training.autoplan measures what they need and applies the resul
 3. Shape: the largest candidate of the device's ladder that still sees `TOKENS_PER_PARAM` (0.5) training tokens per
    non-embedding parameter in the budget, at the throughput measured by a short probe on this machine (shapes
    not probed are estimated from the probed ones' FLOP rates). Short budgets and slow machines get small models.
-4. Vocabulary capped by width (at most 16 types per dimension, 8 for CJK): a wide table on a narrow model is
-   mostly untrained rows that cost head compute (measured on Chinese: see the CJK cap in make_plan).
-5. Learning rate: 3e-3 at width 128, scaled by 1/sqrt(width/128), to min_lr = lr/10. Dropout 0 unless the budget
-   passes over the data more than `DROPOUT_EPOCHS` times (then 0.1): short runs do not overfit. Evaluation
-   batches: 8 for budgets under ~10 minutes (the final evaluation is paid for inside the budget), else 20.
+4. Vocabulary capped by width (at most 16 types per dimension, 32 for CJK): a wide table on a narrow model is
+   mostly untrained rows that cost head compute; whole CJK characters are worth more (see TYPES_PER_DIM).
+5. Learning rate: 1.5e-3 at width 128 on a CPU (3e-3 on a GPU), scaled by 1/sqrt(width/128), to min_lr = lr/10.
+   Dropout 0 unless the budget passes over the data more than `DROPOUT_EPOCHS` times (then 0.1): short runs do
+   not overfit. Evaluation batches: 8 for budgets under ~10 minutes (the final evaluation is paid for inside the
+   budget), else 20.
 
 The module is arithmetic only (no torch), so its rules are unit-tested without training anything.
 """
@@ -65,12 +66,14 @@ class Shape:
 
 
 # Ladders of candidate shapes, smallest first; head dim 32 on a CPU (cheap attention), 64 on a GPU.
+# CPU batch 8: on both benchmark corpora at 130 s, batch 8 (twice the optimizer steps for the same tokens) scored
+# better than 16 (docs/benchmarks/budget-trials 14, 18 against 11).
 CPU_LADDER = (
-    Shape(2, 3, 96, 128, 16),
-    Shape(4, 4, 128, 128, 16),
-    Shape(4, 6, 192, 128, 16),
-    Shape(6, 8, 256, 256, 16),
-    Shape(8, 6, 384, 256, 16),
+    Shape(2, 3, 96, 128, 8),
+    Shape(4, 4, 128, 128, 8),
+    Shape(4, 6, 192, 128, 8),
+    Shape(6, 8, 256, 256, 8),
+    Shape(8, 6, 384, 256, 8),
 )
 GPU_LADDER = (
     Shape(4, 4, 256, 256, 64),
@@ -80,6 +83,13 @@ GPU_LADDER = (
     Shape(16, 16, 1024, 1024, 32),
 )
 ASSUMED_FLOPS = {"cpu": 3e10, "cuda": 1e14, "mps": 1e12}  # before the probe: where to look on the ladder
+# Peak learning rate at width 128. CPU: 1.5e-3 beat 3e-3, which beat 6e-3, on both corpora at 130 s (budget-trials
+# 17, 11, 13; then 18 with batch 8); the GPU ladder (bigger batches) keeps 3e-3, not measured.
+BASE_LR = {"cpu": 1.5e-3, "mps": 1.5e-3, "cuda": 3e-3}
+# Vocabulary per dimension of width (rule 4). CJK: whole characters (4,096 types at width 128) scored better than
+# 1,024 or 2,048 types on Tang poems at 130 s once each run had a core to itself (budget-trials 16, 13, 11).
+TYPES_PER_DIM = {"cjk": 32}
+DEFAULT_TYPES_PER_DIM = 16
 
 
 @dataclass
@@ -134,6 +144,12 @@ def vocab_for(inputs: PlanInputs) -> tuple[int, str]:
     return v, f"corpus {mb:.1f} MB of {inputs.script} -> about a token type per kB"
 
 
+def capped_vocab(script: str, vocab: int, n_embd: int) -> int:
+    """Rule 4: the vocabulary a model of width `n_embd` gets (the probe measures each shape with its own)."""
+    per_dim = TYPES_PER_DIM.get(script, DEFAULT_TYPES_PER_DIM)
+    return vocab if vocab <= per_dim * n_embd else _pow2(per_dim * n_embd, 512, 8192)
+
+
 def train_seconds(inputs: PlanInputs) -> float:
     """Training time the plan sizes for: the budget less planning, data preparation and the final save."""
     budget = inputs.budget_s if inputs.budget_s is not None else ASSUMED_BUDGET_S
@@ -147,12 +163,19 @@ def ladder(device: str) -> tuple[Shape, ...]:
 def first_guess(inputs: PlanInputs, vocab: int) -> int:
     """Index on the ladder that the rule picks with the device's assumed FLOP rate (what to probe around)."""
     rate = ASSUMED_FLOPS.get(inputs.device, ASSUMED_FLOPS["cpu"])
-    return choose_shape(inputs, vocab, {s.key: rate / s.flops_per_token(vocab) for s in ladder(inputs.device)})[0]
+    shapes = ladder(inputs.device)
+    flops = {s.key: s.flops_per_token(capped_vocab(inputs.script, vocab, s.n_embd)) for s in shapes}
+    return choose_shape(inputs, vocab, {s.key: rate / flops[s.key] for s in shapes})[0]
 
 
-def estimate_tokens_per_s(shapes: tuple[Shape, ...], vocab: int, measured: dict[str, float]) -> dict[str, float]:
-    """Tokens/s for every shape: measured ones as they are, the others from the nearest measured FLOP rate."""
-    rates = [(i, measured[s.key] * s.flops_per_token(vocab)) for i, s in enumerate(shapes) if s.key in measured]
+def estimate_tokens_per_s(shapes: tuple[Shape, ...], vocab: int, measured: dict[str, float],
+                          script: str = "latin") -> dict[str, float]:
+    """Tokens/s for every shape: measured ones as they are, the others from the nearest measured FLOP rate.
+
+    Each shape's FLOPs count the head it will have (the vocabulary capped by its width, rule 4).
+    """
+    flops = {s.key: s.flops_per_token(capped_vocab(script, vocab, s.n_embd)) for s in shapes}
+    rates = [(i, measured[s.key] * flops[s.key]) for i, s in enumerate(shapes) if s.key in measured]
     if not rates:
         raise ValueError("no probe measurement")
     out = {}
@@ -161,7 +184,7 @@ def estimate_tokens_per_s(shapes: tuple[Shape, ...], vocab: int, measured: dict[
             out[s.key] = measured[s.key]
         else:
             rate = min(rates, key=lambda r: abs(r[0] - i))[1]
-            out[s.key] = rate / s.flops_per_token(vocab)
+            out[s.key] = rate / flops[s.key]
     return out
 
 
@@ -181,11 +204,9 @@ def make_plan(inputs: PlanInputs, tokens_per_s: dict[str, float], probe_note: st
     shapes = ladder(inputs.device)
     idx, tokens = choose_shape(inputs, vocab, tokens_per_s)
     shape = shapes[idx]
-    # CJK: 8 per dimension; on Tang poems at 130 s a 2x96 model scored 2.712 bpb with 1,024 types against 2.806
-    # with 4,096 (back to back, docs/benchmarks/budget-trials): the head's compute outweighed whole characters.
-    per_dim = 8 if inputs.script == "cjk" else 16
-    if vocab > per_dim * shape.n_embd:
-        vocab = _pow2(per_dim * shape.n_embd, 512, 8192)
+    if capped_vocab(inputs.script, vocab, shape.n_embd) < vocab:
+        vocab = capped_vocab(inputs.script, vocab, shape.n_embd)
+        per_dim = TYPES_PER_DIM.get(inputs.script, DEFAULT_TYPES_PER_DIM)
         vocab_why = f"{vocab_why}; capped at {per_dim} per dimension of width {shape.n_embd}"
     # A context that the validation split (~10% of the corpus) can fill several times over.
     est_tokens = inputs.corpus_bytes / (1.0 if inputs.script == "cjk" else 2.5)
@@ -194,7 +215,8 @@ def make_plan(inputs: PlanInputs, tokens_per_s: dict[str, float], probe_note: st
         block //= 2
     seconds = train_seconds(inputs)
     tps = tokens_per_s[shape.key]
-    lr = round(3e-3 * math.sqrt(128 / shape.n_embd), 5)
+    base_lr = BASE_LR.get(inputs.device, BASE_LR["cpu"])
+    lr = round(base_lr * math.sqrt(128 / shape.n_embd), 5)
     epochs = tokens / max(est_tokens, 1.0)
     dropout = 0.1 if epochs > DROPOUT_EPOCHS else 0.0
     ratio = tokens / shape.body_params()
@@ -210,7 +232,7 @@ def make_plan(inputs: PlanInputs, tokens_per_s: dict[str, float], probe_note: st
         PlanRow("block_size", block, "the shape's context" if block == shape.block_size
                 else f"shortened to fit the small validation split (~{est_tokens * 0.1:,.0f} tokens)"),
         PlanRow("batch_size", shape.batch_size, f"{shape.batch_size * block:,} tokens per step"),
-        PlanRow("lr", lr, "3e-3 x sqrt(128 / width), warmup-stable-decay over the budget"),
+        PlanRow("lr", lr, f"{base_lr:g} x sqrt(128 / width) on {inputs.device}, warmup-stable-decay over the budget"),
         PlanRow("min_lr", round(lr / 10, 6), "lr / 10 at the end of the decay"),
         PlanRow("dropout", dropout, f"~{epochs:.1f} passes over the data in {seconds:.0f} s of training"),
         PlanRow("eval_batches", 8 if seconds < 500 else 20, "a short budget keeps its evaluations (the final one is "

@@ -6,7 +6,9 @@ waiting requests into free KV slots, and runs one step: the scheduler plans it (
 data: decode rows and prompt chunks within the prefill budget), the runner executes it (`Runner.execute`:
 the model, the cache, sampling) and the output delivers the tokens (`Output`: text, stop strings, events).
 The prefix cache (`prefix_cache.py`: the scheduler decides what is cached, the runner copies the blocks) and
-n-gram speculative decoding (`speculate.py`: the scheduler drafts, the runner verifies) ride on the same plan.
+n-gram speculative decoding (`speculate.py`: the scheduler drafts, the runner verifies) ride on the same plan,
+and so do a request's n choices (`submit_choices`): placed together, prefilled once by the first, the prompt's
+keys copied into the others' slots (`StepPlan.forks`), each choice then sampled with its own generator.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pocketgpt.app.engine.grammar import GrammarCache
 from pocketgpt.app.engine.output import Output
 from pocketgpt.app.engine.plan import StepPlan
 from pocketgpt.app.engine.prefix_cache import PrefixIndex
 from pocketgpt.app.engine.runner import Runner
 from pocketgpt.app.engine.scheduler import Scheduler, Sequence
-from pocketgpt.app.engine.speculate import NgramDrafter
+from pocketgpt.app.engine.speculate import NgramDrafter, may_draft
 from pocketgpt.app.engine.stream import TextStream
-from pocketgpt.app.engine.types import EngineClosed, GenRequest, Ticket
+from pocketgpt.app.engine.types import EngineClosed, Event, GenRequest, Ticket, choice_request
 from pocketgpt.model.checkpoint import Checkpoint
 from pocketgpt.model.sampling import make_generator
 
@@ -66,6 +69,7 @@ class Engine:
         self.runner = runner(checkpoint.model, checkpoint.tokenizer, max_running, decode_graphs=decode_graphs,
                              prefix_blocks=prefix_blocks, prefix_block=prefix_block)
         self.tokenizer = checkpoint.tokenizer
+        self.grammars = GrammarCache(self.tokenizer)  # structured output's compiled grammars (llguidance, lazily)
         self.config = checkpoint.config
         self.meta = checkpoint.meta
         self.path = checkpoint.path
@@ -91,6 +95,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._stopping = False
         self.steps = 0  # batched model steps taken
+        self.prefill_tokens = 0  # prompt tokens run through the model (a request's n choices share one prefill)
         self.wakeups = 0  # loop turns, busy or not: a test can see that an idle engine does not spin
         self._thread = threading.Thread(target=self._run, name=f"pocketgpt-engine-{self.name}", daemon=True)
 
@@ -106,20 +111,31 @@ class Engine:
 
     def submit(self, request: GenRequest, loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
         """Queue a request; raises QueueFull (answer 429) or EngineClosed (use the holder's current engine)."""
-        n = len(request.prompt_ids)
+        return self.submit_choices(request, 1, loop)[0]
+
+    def submit_choices(self, request: GenRequest, n: int,
+                       loop: asyncio.AbstractEventLoop | None = None) -> list[Ticket]:
+        """Queue `n` choices of one request (choice i: `types.choice_request`), which share one prefill and
+        count as n requests against the queue; their events share one queue. Raises QueueFull or EngineClosed,
+        and ValueError when they can never run (n beyond the slots, too long for the context)."""
+        m = len(request.prompt_ids)
         if request.max_new_tokens == 0 and request.prompt_logprobs is None:
             raise ValueError("max_new_tokens 0 only scores a prompt: it needs prompt_logprobs")
-        if n == 0 or n + request.max_new_tokens > self.context_length:
-            raise ValueError(f"prompt ({n}) + max_new_tokens ({request.max_new_tokens}) "
+        if m == 0 or m + request.max_new_tokens > self.context_length:
+            raise ValueError(f"prompt ({m}) + max_new_tokens ({request.max_new_tokens}) "
                              f"must be within 1..{self.context_length}")
-        ticket = Ticket(self, request, loop or asyncio.get_running_loop())
+        if not 1 <= n <= self.max_running:  # the choices are placed together, so all n need a slot
+            raise ValueError(f"n ({n}) must be within 1..{self.max_running} (the engine's slots)")
+        loop = loop or asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        tickets = [Ticket(self, choice_request(request, i), loop, i, events) for i in range(n)]
         # The lock orders admissions against stop(): nothing can enter the inbox after the stop marker.
         with self.scheduler.lock:
             if not self._thread.is_alive():
                 raise EngineClosed("the engine thread is not running")
-            self.scheduler.reserve()
-            self._inbox.put(("submit", ticket, time.perf_counter()))
-        return ticket
+            self.scheduler.reserve(n)
+            self._inbox.put(("submit", tickets, time.perf_counter()))
+        return tickets
 
     def cancel(self, request_id: str) -> None:
         """Drop a request (client gone); its slot is freed before the next step. Unknown ids are ignored."""
@@ -211,22 +227,12 @@ class Engine:
                 break
         for item in items:
             if item[0] == "submit":
-                _, ticket, submitted = item
-                req = ticket.request
-                seq = Sequence(
-                    ticket=ticket,
-                    text=TextStream(self.tokenizer, req.stop, skip=req.heal),
-                    generator=make_generator(req.seed),
-                    deadline=submitted + req.timeout if req.timeout else None,
-                    submitted=submitted,
-                )
-                if self.scheduler.prefix is not None or self.spec_tokens > 0:
-                    seq.history = list(req.prompt_ids)
-                # Drafts are verified greedily: only requests whose sampler is argmax may draft.
-                # (Nor rows that want logprobs: the runner scores one sampled token per row and step.)
-                if self.spec_tokens > 0 and req.params.greedy and not req.params.penalized and req.logprobs is None:
-                    seq.drafter = self._drafter(seq.history, self.spec_tokens)
-                self.scheduler.add(seq)
+                _, tickets, submitted = item
+                leader, *followers = [self._sequence(ticket, submitted) for ticket in tickets]
+                leader.followers = followers
+                for seq in (leader, *followers):
+                    seq.leader = leader if seq is not leader else None
+                    self.scheduler.add(seq)
             elif item[0] == "cancel":
                 seq = self.scheduler.find(item[1])
                 if seq is not None:
@@ -234,6 +240,23 @@ class Engine:
                     self.output.count_finish("cancelled")
             else:
                 self._stopping = True
+
+    def _sequence(self, ticket: Ticket, submitted: float) -> Sequence:
+        req = ticket.request
+        seq = Sequence(
+            ticket=ticket,
+            text=TextStream(self.tokenizer, req.stop, skip=req.heal),
+            generator=make_generator(req.seed),
+            deadline=submitted + req.timeout if req.timeout else None,
+            submitted=submitted,
+        )
+        if self.scheduler.prefix is not None or self.spec_tokens > 0:
+            seq.history = list(req.prompt_ids)
+        # Greedy and sampled requests draft (verify.py keeps either exact); penalized, constrained and
+        # logprob-asking ones do not (may_draft says why).
+        if self.spec_tokens > 0 and may_draft(req):
+            seq.drafter = self._drafter(seq.history, self.spec_tokens)
+        return seq
 
     def _expire(self, now: float) -> None:
         for seq in self.scheduler.all():
@@ -258,6 +281,9 @@ class Engine:
         plan = self.scheduler.schedule()
         tokens = self.runner.execute(plan)
         self.scheduler.commit(plan, tokens)
+        self.prefill_tokens += plan.prefill_tokens
+        if self.metrics is not None and plan.prefill:
+            self.metrics.prefill_tokens.inc(plan.prefill_tokens)
         if not tokens:
             return  # only partial prompt chunks ran this step
         self.steps += 1

@@ -1,8 +1,9 @@
 """Delivery: sampled tokens in, events on each request's asyncio queue out.
 
 Per token it releases the text that is safe to send (whole UTF-8 characters, no possible stop-string start),
-ends a request on end-of-text, a stop token, a stop string or its length, frees its slot, and counts how it
-finished. Events are collected during a loop turn and handed over in one thread-safe call per event loop.
+ends a request on end-of-text, a stop token, a stop string, its length or a complete structured output, frees
+its slot, and counts how it finished. Events are collected during a loop turn and handed over in one
+thread-safe call per event loop.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Output:
         Returns whether the request is finished."""
         index = seq.generated
         if index == 0 and seq.request.prompt_logprobs is not None:
-            self._emit(seq, PromptEvent(tuple(seq.prompt_logprobs)))
+            self._emit(seq, PromptEvent(tuple(seq.prompt_logprobs), seq.ticket.choice))
             if seq.request.max_new_tokens == 0:  # scoring a prompt: its logprobs are the answer, `token` unused
                 self._retire(seq, "length", None, now)
                 return True
@@ -59,14 +60,19 @@ class Output:
             text, stop = seq.text.finish()
             reason: FinishReason | None = "stop_sequence" if stop else "eos"
         else:
+            constraint = seq.request.constraint
+            if constraint is not None and not constraint.advance(token):  # the mask makes this a bug, not input
+                self.fail(seq, 500, f"structured output failed: {constraint.error}", "constraint_error")
+                return True
+            complete = constraint is not None and constraint.done  # the grammar takes nothing more: the end
             text, stop = seq.text.push(token)
             reason = "stop_sequence" if stop else None
-            if reason is None and seq.generated >= seq.request.max_new_tokens:
+            if reason is None and (complete or seq.generated >= seq.request.max_new_tokens):
                 tail, stop = seq.text.finish()
                 text += tail
-                reason = "stop_sequence" if stop else "length"
+                reason = "stop_sequence" if stop else "eos" if complete else "length"
         logprob = seq.logprobs.pop(0) if seq.request.logprobs is not None else None
-        self._emit(seq, TokenEvent(index, token, text, now, logprob))
+        self._emit(seq, TokenEvent(index, token, text, now, logprob, seq.ticket.choice))
         if reason is None:
             seq.next_token = token
             return False
@@ -77,13 +83,14 @@ class Output:
         self.finished.append((seq, seq.slot))
         self.scheduler.remove(seq)
         self.count_finish(reason)
-        self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached))
+        self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached,
+                                  seq.ticket.choice))
 
     def fail(self, seq: Sequence, status: int, message: str, code: str) -> None:
         """End `seq` with an error event and free its slot."""
         self.scheduler.remove(seq)
         self.count_finish(code)
-        self._emit(seq, ErrorEvent(status, message, code))
+        self._emit(seq, ErrorEvent(status, message, code, seq.ticket.choice))
 
     def count_finish(self, reason: str) -> None:
         if self.metrics is not None:

@@ -59,6 +59,8 @@ class StepPlan:
     `loads`: (sequence, prefix-cache blocks to copy into its slot from position 0), before anything runs.
     `saves`: (sequence, [(pool block, start position)]) to copy out of its slot once its prompt is prefilled.
     `drafts`: speculative draft tokens of decode rows, to verify after their fed-back token.
+    `forks`: completing prompts whose keys are copied into other sequences' slots once prefilled (a request's
+    n choices: the followers are sampled from their leader's logits, right after it in `rows`).
     """
 
     decode: list[Sequence] = field(default_factory=list)
@@ -66,6 +68,7 @@ class StepPlan:
     loads: list[tuple[Sequence, list[int]]] = field(default_factory=list)
     saves: list[tuple[Sequence, list[tuple[int, int]]]] = field(default_factory=list)
     drafts: dict[Sequence, list[int]] = field(default_factory=dict)
+    forks: dict[Sequence, list[Sequence]] = field(default_factory=dict)
 
     @property
     def completing(self) -> list[Sequence]:
@@ -75,7 +78,9 @@ class StepPlan:
     @property
     def rows(self) -> list[Sequence]:
         """The sequences that get a sampled token this step, in the order of the runner's logits."""
-        return self.decode + self.completing
+        if not self.forks:
+            return self.decode + self.completing
+        return self.decode + [r for s in self.completing for r in (s, *self.forks.get(s, ()))]
 
     @property
     def prefill_tokens(self) -> int:

@@ -2,9 +2,10 @@
 
 It owns the model, the slot KV cache, the prefix-cache block pool, the CUDA-graph decoder, the per-slot
 penalty state and the token-healing masks, and it is the one place that decides what the model and device
-support. `execute(plan)` runs a `StepPlan` (cached prefix blocks copied in, one batched decode over the
-decoding rows, the planned prompt batches, newly prefilled prompt blocks copied out to the pool) and samples
-every row that gets a token, each with its own parameters and generator, in one call.
+support; structured output's grammar masks meet the logits here. `execute(plan)` runs a `StepPlan` (cached
+prefix blocks copied in, one batched decode over the decoding rows, the planned prompt batches, newly
+prefilled prompt blocks copied out to the pool) and samples every row that gets a token, each with its own
+parameters and generator, in one call.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import torch
 
 from pocketgpt.app.engine import logprobs
+from pocketgpt.app.engine.grammar import Constraint, allowed
 from pocketgpt.app.engine.graphs import GraphDecoder
 from pocketgpt.app.engine.plan import PrefillBatch, StepPlan
 from pocketgpt.app.engine.prefix_cache import BlockPool
 from pocketgpt.app.engine.scheduler import Sequence
+from pocketgpt.app.engine.verify import verify_drafts
 from pocketgpt.model.kv_cache import KVCache
 from pocketgpt.model.sampling import sample
 from pocketgpt.model.tokenizer import Tokenizer
@@ -77,19 +80,31 @@ class Runner:
         for seq, blocks in plan.loads:
             self.pool.load(seq.slot, blocks)
         wide = self._decode_drafts(plan) if plan.drafts else None
+        if wide is not None and self._text_vocab < wide.size(-1):
+            wide[..., self._text_vocab :] = float("-inf")
         parts = [wide[:, 0] if wide is not None else self._decode(plan.decode)] if plan.decode else []
         for batch in plan.prefill:
             logits = self._prefill(batch)
-            parts.extend(logits[i : i + 1] for i, c in enumerate(batch.chunks)
-                         if c.end == len(c.seq.request.prompt_ids))
+            for i, c in enumerate(batch.chunks):
+                if c.end == len(c.seq.request.prompt_ids):
+                    parts.append(self._fork(c.seq, plan.forks[c.seq], logits[i : i + 1])
+                                 if c.seq in plan.forks else logits[i : i + 1])
         for seq, blocks in plan.saves:
             self.pool.save(seq.slot, blocks)
         if not parts:
             return []  # only partial prompt chunks ran this step
         tokens = [[t] for t in self._sample(plan.rows, torch.cat(parts) if len(parts) > 1 else parts[0])]
         if wide is not None:
-            self._verify(plan, wide, tokens)
+            verify_drafts(plan.decode, plan.drafts, wide, tokens)
         return tokens
+
+    def _fork(self, leader: Sequence, followers: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Copy `leader`'s prompt keys into its followers' slots; its logits row once per choice (a copy: the
+        sampler edits rows in place). The prompt's logprobs, when asked for, are shared the same way."""
+        self.cache.copy_prefix(leader.slot, [f.slot for f in followers], len(leader.request.prompt_ids))
+        for f in followers:
+            f.prompt_logprobs = list(leader.prompt_logprobs)
+        return logits.repeat(1 + len(followers), 1)
 
     def _decode(self, rows: list[Sequence]) -> torch.Tensor:
         slots, positions = [s.slot for s in rows], [s.pos for s in rows]
@@ -109,22 +124,6 @@ class Runner:
             idx.append(row + [0] * (width - len(row)))
         return self.model.forward_cached(torch.tensor(idx, device=self.device), self.cache, [s.slot for s in rows],
                                          [s.pos for s in rows], last_only=False)
-
-    def _verify(self, plan: StepPlan, wide: torch.Tensor, tokens: list[list[int]]) -> None:
-        """Greedy verification: extend each drafting row's token by the draft tokens the model agrees with and
-        the model's own token after them. Only greedy, unpenalized rows draft, so argmax is their sampler."""
-        if self._text_vocab < wide.size(-1):
-            wide[..., self._text_vocab :] = float("-inf")
-        best = wide[:, 1:].argmax(-1).tolist()  # best[i][j]: the model's token after row i's draft token j
-        for i, seq in enumerate(plan.decode):
-            draft = plan.drafts.get(seq)
-            if not draft:
-                continue
-            out = tokens[i]
-            for j, d in enumerate(draft):
-                if out[-1] != d:
-                    break
-                out.append(best[i][j])
 
     def _prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Last-token logits of each chunk in `batch` (rows shorter than the batch are padded at the end).
@@ -157,12 +156,16 @@ class Runner:
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         if self._text_vocab < logits.size(1):
             logits[:, self._text_vocab :] = float("-inf")
+        # Logprobs of the raw model distribution (see engine/logprobs.py): before healing, grammar masks and
+        # penalties, so a constrained row reports what the model thought, not what the grammar allowed.
+        asked = [i for i, s in enumerate(rows) if s.request.logprobs is not None]
+        raw = logprobs.log_probs(logits[asked], self._text_vocab) if asked else None
         for i, seq in enumerate(rows):
             if seq.generated == 0 and seq.request.heal:
                 logits[i].masked_fill_(~self._heal_mask(seq.request.heal), float("-inf"))
-        # Logprobs of the raw model distribution (see engine/logprobs.py), before healing and penalties.
-        asked = [i for i, s in enumerate(rows) if s.request.logprobs is not None]
-        raw = logprobs.log_probs(logits[asked], self._text_vocab) if asked else None
+        constrained = [i for i, s in enumerate(rows) if s.request.constraint is not None]
+        if constrained:  # structured output: only these rows pay for a grammar mask
+            self._constrain(logits, [(i, rows[i].request.constraint) for i in constrained])
         params = [s.request.params for s in rows]
         penalized = any(p.penalized for p in params)
         counts = mask = slots = None
@@ -177,6 +180,17 @@ class Runner:
             for i, lp in zip(asked, picked, strict=True):
                 rows[i].logprobs.append(lp)
         return tokens.tolist()  # the one host sync of the step (a second one only when a row asked for logprobs)
+
+    def _constrain(self, logits: torch.Tensor, rows: list[tuple[int, Constraint]]) -> None:
+        """Mask each constrained row's logits to the tokens its grammar allows next (computed on the CPU by the
+        grammar library, one bit per token, then expanded on the logits' device)."""
+        vocab = self._text_vocab
+        bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+        for j, (_, constraint) in enumerate(rows):
+            constraint.fill(bitmask, j)
+        ok = allowed(bitmask.to(self.device, non_blocking=True), vocab)
+        for j, (i, _) in enumerate(rows):
+            logits[i, :vocab].masked_fill_(~ok[j], float("-inf"))
 
     def _heal_mask(self, prefix: bytes) -> torch.Tensor:
         """Boolean (vocab,) mask of the tokens that may follow a healed prompt; built once per prefix."""

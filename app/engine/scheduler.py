@@ -40,6 +40,10 @@ class Sequence:
     drafter: NgramDrafter | None = None  # speculative decoding for this request (greedy requests only)
     logprobs: list[Logprob] = field(default_factory=list)  # sampled tokens' logprobs not yet delivered
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # the prompt's, as its chunks run
+    # n choices of one request share one prefill: the leader prefills the prompt, then its keys are copied into
+    # its followers' slots and every choice samples its first token from the same logits.
+    leader: Sequence | None = None  # a follower whose prompt keys have not been copied in yet: whose it copies
+    followers: list[Sequence] = field(default_factory=list)  # a leader's followers, until they are forked
 
     @property
     def request(self) -> GenRequest:
@@ -81,13 +85,16 @@ class Scheduler:
     def lock(self) -> threading.Lock:
         return self._lock
 
-    def reserve(self) -> None:
-        """Count one more request in, or refuse it. Call with `lock` held."""
+    def reserve(self, n: int = 1) -> None:
+        """Count `n` more sequences in (a request's n choices count as n requests), or refuse them all. Call
+        with `lock` held."""
         if not self._open:
             raise EngineClosed("engine is not admitting requests")
-        if self._outstanding >= self.n_slots + self.max_queue:
-            raise QueueFull(f"all {self.n_slots} slots busy and {self.max_queue} requests waiting")
-        self._outstanding += 1
+        if self._outstanding + n > self.n_slots + self.max_queue:
+            what = f"{n} choices do not fit" if n > 1 else "no room"
+            raise QueueFull(f"{what}: {self.n_slots} slots and {self.max_queue} waiting places, "
+                            f"{self._outstanding} taken")
+        self._outstanding += n
 
     def close(self) -> None:
         """Admit nothing more. Call with `lock` held."""
@@ -102,12 +109,12 @@ class Scheduler:
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots (FIFO); return the newly placed ones."""
+        """Move waiting sequences into free slots (FIFO); return the newly placed ones. A request's n choices
+        are placed together, once n slots are free (the ones behind it wait: no overtaking)."""
         placed = []
-        while self.waiting and self._free:
+        while self.waiting and len(self._free) >= 1 + len(self.waiting[0].followers):
             seq = self.waiting.popleft()
-            seq.slot = heapq.heappop(self._free)
-            self.running[seq.slot] = seq
+            self._place(seq)
             placed.append(seq)
             # Prompt logprobs need every prompt position's logits, so such a prompt is computed in full.
             if self.prefix is not None and seq.request.prompt_logprobs is None:
@@ -115,7 +122,15 @@ class Scheduler:
                 if blocks:
                     seq.prefilled = seq.cached = len(blocks) * self.prefix.block
                     self._loads.append((seq, blocks))
+            for follower in seq.followers:  # placed now, prefilled by copying the leader's keys
+                self.waiting.remove(follower)
+                self._place(follower)
+                placed.append(follower)
         return placed
+
+    def _place(self, seq: Sequence) -> None:
+        seq.slot = heapq.heappop(self._free)
+        self.running[seq.slot] = seq
 
     def reset_prefix(self) -> None:
         """Forget every cached prefix (after a failed step, whose planned blocks may not have been written)."""
@@ -124,6 +139,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Forget a finished, cancelled or failed sequence and free its slot at once."""
+        self._ungroup(seq)
         if seq.slot >= 0:
             del self.running[seq.slot]
             heapq.heappush(self._free, seq.slot)
@@ -132,6 +148,20 @@ class Scheduler:
             self.waiting.remove(seq)
         with self._lock:
             self._outstanding -= 1
+
+    @staticmethod
+    def _ungroup(seq: Sequence) -> None:
+        """Take `seq` out of its choice group before it goes: a leader whose prompt was not forked yet hands
+        its followers to the first of them, which prefills the prompt itself (from the start)."""
+        if seq.leader is not None:
+            seq.leader.followers.remove(seq)
+            seq.leader = None
+        elif seq.followers:
+            heir, *rest = seq.followers
+            heir.leader, heir.followers = None, rest
+            for follower in rest:
+                follower.leader = heir
+            seq.followers = []
 
     def find(self, request_id: str) -> Sequence | None:
         return next((s for s in self.all() if s.request.id == request_id), None)
@@ -149,6 +179,7 @@ class Scheduler:
         budget, granule = prefill_budget(len(decode), self.prefill_chunk, self.granule, self.lone_chunk)
         chunks = [Chunk(*c) for c in self.prefill_plan(budget, granule)]
         plan = StepPlan(decode, group_waves(chunks, self.max_len))
+        plan.forks = {s: list(s.followers) for s in plan.completing if s.followers}
         plan.drafts = self._drafts(decode)
         plan.loads = [(s, blocks) for s, blocks in self._loads if s.slot >= 0]
         self._loads.clear()
@@ -180,6 +211,11 @@ class Scheduler:
                 chunk.seq.prefilled = chunk.end
                 if not chunk.seq.prefilling:
                     chunk.seq.pos = chunk.end
+        for leader, followers in plan.forks.items():  # their prompt keys were copied in: they decode now
+            for follower in followers:
+                follower.prefilled = follower.pos = leader.pos
+                follower.leader = None
+            leader.followers = []
 
     def prefill_plan(self, budget: int, granule: int | None = None) -> list[tuple[Sequence, int, int]]:
         """Prompt chunks (sequence, start, end) for this step, at most `budget` prompt tokens in all.
@@ -193,6 +229,8 @@ class Scheduler:
         plan: list[tuple[Sequence, int, int]] = []
         used = 0
         for seq in self.running.values():
+            if seq.leader is not None:
+                continue  # its prompt keys come from its leader's slot
             start, n = seq.prefilled, len(seq.request.prompt_ids)
             while start < n:
                 end = min((start // granule + 1) * granule, n)

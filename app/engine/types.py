@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
 
 from pocketgpt.model.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pocketgpt.app.engine.grammar import Constraint
 
 FinishReason = Literal["eos", "stop_sequence", "length"]
 
@@ -34,6 +37,8 @@ class GenRequest:
     heal: bytes = b""  # token healing: the first generated token must start with these bytes (cut from the prompt)
     logprobs: int | None = None  # each sampled token's log-probability and this many top alternatives (None: off)
     prompt_logprobs: int | None = None  # the same for every prompt token (a PromptEvent); None: off
+    # Structured output: the grammar's matcher (the runner masks by it, the output advances it); None: free text.
+    constraint: Constraint | None = field(default=None, compare=False, repr=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -56,6 +61,7 @@ class TokenEvent:
     text: str
     t: float  # time.perf_counter() when the token was sampled
     logprob: Logprob | None = None  # only when the request asked for logprobs
+    choice: int = 0  # which of the request's n choices it belongs to
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class PromptEvent:
     token, the first None (nothing predicts it)."""
 
     logprobs: tuple[Logprob | None, ...]
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class DoneEvent:
     completion_tokens: int
     t: float
     cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,19 +93,31 @@ class ErrorEvent:
     status: int
     message: str
     code: str
+    choice: int = 0
 
 
 Event = TokenEvent | PromptEvent | DoneEvent | ErrorEvent
 
 
-class Ticket:
-    """The caller's handle on a submitted request: events arrive on `queue` in the caller's event loop."""
+def choice_request(request: GenRequest, choice: int) -> GenRequest:
+    """Choice `choice` of a request for n choices: the same request with seed `seed + choice` (so choice 0 is
+    exactly the n=1 output for that seed, and choice i the n=1 output for seed + i) and its own id."""
+    if choice == 0:
+        return request
+    return replace(request, seed=request.seed + choice, id=f"{request.id}-{choice}")
 
-    def __init__(self, engine: object, request: GenRequest, loop: asyncio.AbstractEventLoop) -> None:
+
+class Ticket:
+    """The caller's handle on a submitted request (one choice of it): events arrive on `queue` in the caller's
+    event loop. The n choices of one request share one queue; their events say which `choice` they belong to."""
+
+    def __init__(self, engine: object, request: GenRequest, loop: asyncio.AbstractEventLoop, choice: int = 0,
+                 queue: asyncio.Queue[Event] | None = None) -> None:
         self.engine = engine
         self.request = request
         self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.choice = choice
+        self.queue: asyncio.Queue[Event] = queue if queue is not None else asyncio.Queue()
 
     @property
     def id(self) -> str:

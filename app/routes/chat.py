@@ -56,25 +56,25 @@ def _head(generation: Generation, created: int, chunk: bool) -> dict[str, Any]:
             "created": created, "model": generation.model}
 
 
-def _delta(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _delta(delta: dict[str, str], finish_reason: str | None, index: int) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 def _chunks(generation: Generation, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
     tokenizer = generation.engine.tokenizer
     asked = generation.ticket.request.logprobs is not None
     return openai_chunks(generation, include_usage, _head(generation, int(time.time()), chunk=True),
-                         piece=lambda text: _delta({"content": text}, None),
-                         finish=lambda reason: _delta({}, reason),
-                         opening=_delta({"role": "assistant", "content": ""}, None),
-                         logprobs=(lambda tokens: chat_logprobs(tokenizer, (t.logprob for t in tokens))) if asked
-                         else None)
+                         piece=lambda text, i: _delta({"content": text}, None, i),
+                         finish=lambda reason, i: _delta({}, reason, i),
+                         opening=lambda i: _delta({"role": "assistant", "content": ""}, None, i),
+                         logprobs=(lambda tokens, i: chat_logprobs(tokenizer, (t.logprob for t in tokens)))
+                         if asked else None)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            ctx: AppContext = Depends(get_ctx)) -> Response:
-    """OpenAI chat completions for one conversation."""
+    """OpenAI chat completions for one conversation (n choices of its next message)."""
     spec = body.to_spec(ctx.settings, chat_renderer)
     request.state.user = body.user
     generation = await start_generation(ctx, spec, request)
@@ -84,11 +84,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)
-    message = {"role": "assistant", "content": result.text}
-    logprobs = chat_logprobs(generation.engine.tokenizer, result.logprobs) if result.logprobs is not None else None
+    tokenizer = generation.engine.tokenizer
     return JSONResponse({
         **_head(generation, int(time.time()), chunk=False),
-        "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                     "finish_reason": openai_finish_reason(result.finish_reason)}],
-        "usage": result.openai_usage(),
+        "choices": [{"index": r.index, "message": {"role": "assistant", "content": r.text},
+                     "logprobs": chat_logprobs(tokenizer, r.logprobs) if r.logprobs is not None else None,
+                     "finish_reason": openai_finish_reason(r.finish_reason)} for r in generation.finals()],
+        "usage": generation.openai_usage(),
     })

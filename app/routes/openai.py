@@ -2,7 +2,9 @@
 
 Point the official client at the server with `OpenAI(base_url="http://host:port/v1", api_key=...)`.
 A stream is `data: {chunk}` lines ending with `data: [DONE]`; with `stream_options.include_usage` a last chunk
-with empty `choices` carries the usage.
+with empty `choices` carries the usage. With `n` > 1 the choices' chunks interleave, each naming its `index`,
+and each choice's last chunk carries its `finish_reason`; the usage counts the prompt once and sums the choices'
+completion tokens, as OpenAI's does.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from sse_starlette import ServerSentEvent
 
 from pocketgpt.app.auth import require_api_key
 from pocketgpt.app.context import AppContext, get_ctx, start_generation, watch_disconnect
-from pocketgpt.app.engine.types import Logprob, TokenEvent
+from pocketgpt.app.engine.types import DoneEvent, Logprob, TokenEvent
 from pocketgpt.app.errors import APIError
-from pocketgpt.app.generation import Generation, check_model, wait_or_cancel
+from pocketgpt.app.generation import Generation, GenerationResult, check_model, wait_or_cancel
 from pocketgpt.app.logprob_format import CompletionLogprobs
 from pocketgpt.app.schemas import CompletionRequest, openai_finish_reason
 
@@ -37,51 +39,55 @@ def _head(generation: Generation, created: int) -> dict[str, Any]:
             "model": generation.model}
 
 
-def _choice(text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+def _choice(text: str, finish_reason: str | None, index: int = 0,
+            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 async def openai_chunks(
     generation: Generation,
     include_usage: bool,
     head: dict[str, Any],
-    piece: Callable[[str], dict[str, Any]],
-    finish: Callable[[str], dict[str, Any]],
-    opening: dict[str, Any] | None = None,
-    logprobs: Callable[[list[TokenEvent]], dict[str, Any]] | None = None,
-    echo: Callable[[], dict[str, Any]] | None = None,
+    piece: Callable[[str, int], dict[str, Any]],
+    finish: Callable[[str, int], dict[str, Any]],
+    opening: Callable[[int], dict[str, Any]] | None = None,
+    logprobs: Callable[[list[TokenEvent], int], dict[str, Any]] | None = None,
+    echo: Callable[[int], dict[str, Any]] | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The OpenAI stream shape shared by completions and chat: `piece(text)` per token text, `finish(reason)`
-    last, an optional usage chunk, errors as the envelope, then `[DONE]`.
+    """The OpenAI stream shape shared by completions and chat: `opening(index)` per choice first, `piece(text,
+    index)` per token text, `finish(reason, index)` when a choice ends, an optional usage chunk, errors as the
+    envelope, then `[DONE]`.
 
-    `logprobs(tokens)` (requests that asked) sets a chunk's `logprobs` from the tokens it shows: every token
-    since the last chunk, held-back ones included. `echo()` is a chunk sent before the first token's (or the
-    finish), once the prompt's logprobs have arrived."""
+    `logprobs(tokens, index)` (requests that asked) sets a chunk's `logprobs` from the tokens of choice `index`
+    it shows: every token of that choice since its last chunk, held-back ones included. `echo(index)` is a chunk
+    sent for each choice before its first token's (or its finish), once the prompt's logprobs have arrived."""
     extra = {"usage": None} if include_usage else {}
-    pending: list[TokenEvent] = []
+    pending: list[list[TokenEvent]] = [[] for _ in range(generation.n)]  # per choice
+    unechoed = set(range(generation.n))  # the choices whose echo chunk is still to come
 
     def chunk(choice: dict[str, Any]) -> ServerSentEvent:
-        if logprobs is not None and pending:
-            choice["logprobs"] = logprobs(pending)
-            pending.clear()
+        held = pending[choice["index"]]
+        if logprobs is not None and held:
+            choice["logprobs"] = logprobs(held, choice["index"])
+            held.clear()
         return ServerSentEvent(dumps({**head, "choices": [choice], **extra}))
 
     try:
         if opening is not None:
-            yield chunk(opening)
-        async for token in generation.tokens():
-            if echo is not None:
-                yield chunk(echo())
-                echo = None
-            pending.append(token)
-            if token.text:  # a held-back token (half a character, a possible stop string) has nothing to show
-                yield chunk(piece(token.text))
-        result = generation.final()
-        if echo is not None:  # nothing generated (max_tokens 0)
-            yield chunk(echo())
-        yield chunk(finish(openai_finish_reason(result.finish_reason)))
+            for index in range(generation.n):
+                yield chunk(opening(index))
+        async for event in generation.events():
+            if echo is not None and event.choice in unechoed:
+                unechoed.discard(event.choice)
+                yield chunk(echo(event.choice))
+            if isinstance(event, DoneEvent):
+                yield chunk(finish(openai_finish_reason(event.finish_reason), event.choice))
+                continue
+            pending[event.choice].append(event)
+            if event.text:  # a held-back token (half a character, a possible stop string) has nothing to show
+                yield chunk(piece(event.text, event.choice))
         if include_usage:
-            yield ServerSentEvent(dumps({**head, "choices": [], "usage": result.openai_usage()}))
+            yield ServerSentEvent(dumps({**head, "choices": [], "usage": generation.openai_usage()}))
     except APIError as exc:
         yield ServerSentEvent(dumps(exc.body()))
     yield ServerSentEvent("[DONE]")
@@ -93,21 +99,36 @@ def _prompt_entries(generation: Generation) -> list[tuple[int, Logprob | None]]:
 
 
 def _chunks(generation: Generation, include_usage: bool, body: CompletionRequest) -> AsyncIterator[ServerSentEvent]:
-    builder = CompletionLogprobs(generation.engine.tokenizer) if body.logprobs is not None else None
+    tokenizer = generation.engine.tokenizer
+    # One builder per choice: text offsets run on across a choice's chunks.
+    builders = [CompletionLogprobs(tokenizer) for _ in range(generation.n)] if body.logprobs is not None else None
 
-    def echo() -> dict[str, Any]:
-        return _choice(generation.spec.prompt, None, builder.build(_prompt_entries(generation)) if builder else None)
+    def echo(index: int) -> dict[str, Any]:
+        logprobs = builders[index].build(_prompt_entries(generation)) if builders else None
+        return _choice(generation.spec.prompt, None, index, logprobs)
 
     return openai_chunks(generation, include_usage, _head(generation, int(time.time())),
-                         piece=lambda text: _choice(text, None), finish=lambda reason: _choice("", reason),
-                         logprobs=(lambda tokens: builder.build((t.id, t.logprob) for t in tokens)) if builder
-                         else None,
+                         piece=lambda text, i: _choice(text, None, i), finish=lambda reason, i: _choice("", reason, i),
+                         logprobs=(lambda tokens, i: builders[i].build((t.id, t.logprob) for t in tokens))
+                         if builders else None,
                          echo=echo if body.echo else None)
+
+
+def _completion_choice(generation: Generation, body: CompletionRequest, result: GenerationResult) -> dict[str, Any]:
+    """One choice of a non-stream completion: its text (after the prompt with `echo`) and logprobs."""
+    text, logprobs = result.text, None
+    if body.logprobs is not None:
+        entries = list(zip(result.token_ids, result.logprobs or (), strict=True))
+        logprobs = CompletionLogprobs(generation.engine.tokenizer).build(
+            _prompt_entries(generation) + entries if body.echo else entries)
+    if body.echo:
+        text = generation.spec.prompt + text
+    return _choice(text, openai_finish_reason(result.finish_reason), result.index, logprobs)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, ctx: AppContext = Depends(get_ctx)) -> Response:
-    """OpenAI legacy completions for one prompt."""
+    """OpenAI legacy completions for one prompt (n choices of it)."""
     spec = body.to_spec(ctx.settings)
     request.state.user = body.user
     generation = await start_generation(ctx, spec, request)
@@ -117,17 +138,10 @@ async def completions(body: CompletionRequest, request: Request, ctx: AppContext
     result = await wait_or_cancel(generation, watch_disconnect(request))
     if result is None:
         return Response(status_code=499)
-    text, logprobs = result.text, None
-    if body.logprobs is not None:
-        entries = list(zip(result.token_ids, result.logprobs or (), strict=True))
-        logprobs = CompletionLogprobs(generation.engine.tokenizer).build(
-            _prompt_entries(generation) + entries if body.echo else entries)
-    if body.echo:
-        text = spec.prompt + text
     return JSONResponse({
         **_head(generation, int(time.time())),
-        "choices": [_choice(text, openai_finish_reason(result.finish_reason), logprobs)],
-        "usage": result.openai_usage(),
+        "choices": [_completion_choice(generation, body, r) for r in generation.finals()],
+        "usage": generation.openai_usage(),
     })
 
 

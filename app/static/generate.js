@@ -61,6 +61,17 @@ export function initGenerate({ onApiKeyChange }) {
   // Aborting the fetch closes the connection; the server notices and frees the request's KV slot.
   stopButton.addEventListener("click", () => controller && controller.abort());
 
+  // The JSON schema box: empty means free text; otherwise its JSON goes as `json_schema` (throws if not JSON).
+  function schemaField() {
+    const text = $("json-schema").value.trim();
+    if (!text) return undefined;
+    try {
+      return JSON.parse(text);
+    } catch {
+      throw new Error("The JSON schema is not valid JSON.");
+    }
+  }
+
   function body() {
     const stops = $("stop").value.split("\n").filter((s) => s !== "").map(unescape);
     const seed = numberField("seed", (v) => Number.parseInt(v, 10));
@@ -72,6 +83,7 @@ export function initGenerate({ onApiKeyChange }) {
       top_p: numberField("top-p"),
       seed,
       stop: stops.length === 0 ? undefined : stops.length === 1 ? stops[0] : stops,
+      json_schema: schemaField(),
       stream: true,
     };
     // JSON.stringify drops undefined fields: the server then uses its defaults.
@@ -102,7 +114,14 @@ export function initGenerate({ onApiKeyChange }) {
       prompt.focus();
       return;
     }
-    const payload = body();
+    let payload;
+    try {
+      payload = body();
+    } catch (err) {
+      showError(err.message);
+      $("json-schema").focus();
+      return;
+    }
     echo.textContent = payload.prompt;
     textNode.data = "";
     for (const node of Object.values(stat)) node.textContent = "—";
