@@ -7,7 +7,7 @@ environment. Nothing here is read at import time: `Settings()` reads the environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     model_name: str | None = Field(None, description="name reported as `model`; default: checkpoint dir name")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     dtype: str = Field("auto", description="auto (bf16 on cuda, fp32 elsewhere), float32, bfloat16, float16")
+    # model.quantize.QUANTIZE_MODES; a Literal keeps this module torch-free and names the choices in errors.
+    quantize: Literal["none", "int8"] = Field("none", description="none, or int8: weight-only int8 Linear layers "
+                                              "(per-channel scales; faster decode, ~1/4 of their memory, "
+                                              "slightly different outputs)")
 
     # -- network -------------------------------------------------------------------------------
     host: str = "127.0.0.1"

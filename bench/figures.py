@@ -38,6 +38,7 @@ LOGPROBS = ROOT / "docs" / "benchmarks" / "logprobs.json"  # python -m bench.log
 STRUCTURED = ROOT / "docs" / "benchmarks" / "structured.json"  # python -m bench.structured
 STRUCTURED_DOC = ROOT / "docs" / "structured.md"
 NCHOICES = ROOT / "docs" / "benchmarks" / "nchoices.json"  # python -m bench.nchoices
+INT8 = ROOT / "docs" / "benchmarks" / "int8.json"  # python -m bench.int8
 README = ROOT / "README.md"
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
@@ -439,6 +440,40 @@ def readme_nchoices(res: dict[str, Any]) -> str:
         f"{len(res['rounds'])} rounds of separate / shared), with the same tokens either way.\n")
 
 
+def readme_int8(d: dict[str, Any]) -> str:
+    """The int8 block: batch-1 decode beside transformers and llama.cpp, the 135M shape, held-out loss."""
+    dec, smol, q = d["decode_6x384_batch1"], d["smollm2_135m_shape"], d["quality"]
+    src = "[docs/benchmarks/int8.json](docs/benchmarks/int8.json)"
+    lc = dec.get("llamacpp")
+    if lc is None:
+        llama = (f"llama.cpp (llama-cpp-python, 2 threads, same weights as GGUF): f32 {num(dec['llamacpp_f32_tok_s'])}"
+                 f", q8_0 {num(dec['llamacpp_q8_0_tok_s'])} tok/s")
+    else:
+        llama = (f"llama.cpp, {lc['note']}: f32 {num(lc['llamacpp_f32_tok_s'])}, q8_0 "
+                 f"{num(lc['llamacpp_q8_0_tok_s'])} tok/s")
+    load_b = ", ".join(f"{x:.1f}" for x in d["load_average_before"])
+    load_a = ", ".join(f"{x:.1f}" for x in d["load_average_after"])
+    rows = [
+        "| what | fp32 | int8 | compared with |",
+        "| --- | --: | --: | --- |",
+        f"| {d['new_tokens']} greedy tokens, batch 1, 6×384 modern layout, in-process engine | "
+        f"{num(dec['pocketgpt_fp32_tok_s'])} tok/s | {num(dec['pocketgpt_int8_tok_s'])} tok/s "
+        f"({times(dec['int8_vs_fp32'])}) | `transformers` `generate()` {num(dec['transformers_tok_s'])} tok/s; "
+        f"{llama}; fp32 / llama.cpp f32 {times(dec['fp32_vs_llamacpp_f32'])}, int8 / q8_0 "
+        f"{times(dec['int8_vs_llamacpp_q8_0'])} |",
+    ]
+    for batch in (1, 32):
+        b = smol[f"batch_{batch}"]
+        rows.append(f"| SmolLM2-135M shape, batch {batch}, in-process engine | {num(b['fp32_tok_s'], 1)} tok/s | "
+                    f"{num(b['int8_tok_s'], 1)} tok/s ({times(b['ratio'])}) | |")
+    if "loss_fp32" in q:
+        rows.append(f"| held-out loss, {q['model']} trained {q['train_steps']} steps on Tiny Shakespeare | "
+                    f"{q['loss_fp32']:.4f} | {q['loss_int8']:.4f} | perplexity ×{q['perplexity_ratio']:.4f} |")
+    return (f"`{d['command']}` (2 torch threads; load average {load_b} before, {load_a} after, on 2 cores: "
+            f"single figures swing, ratios within the run are the result; every figure from {src}):\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
     results, soak, engine, budget = load(RESULTS), load(SOAK), load(ENGINE), load(BUDGET)
     first_token, docker_e2e = load(FIRST_TOKEN), load(DOCKER_E2E)
@@ -467,6 +502,9 @@ def _blocks() -> list[tuple[Path, str, Callable[[], str]]]:
         blocks += [(README, "structured", lambda: structured_engine(structured)),
                    (STRUCTURED_DOC, "structured", lambda: structured_engine(structured, STRUCTURED_DOC.parent)),
                    (STRUCTURED_DOC, "structured-libraries", lambda: structured_libraries(structured))]
+    int8 = load(INT8)
+    if int8 is not None:
+        blocks.append((README, "int8", lambda: readme_int8(int8)))
     return blocks
 
 

@@ -35,6 +35,7 @@ from pocketgpt.model.chat import ChatTemplate
 from pocketgpt.model.chat_jinja import JinjaChatTemplate
 from pocketgpt.model.config import ModelConfig
 from pocketgpt.model.gpt import GPT
+from pocketgpt.model.quantize import assert_not_quantized
 from pocketgpt.model.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
@@ -66,6 +67,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _weights_to_save(model: GPT) -> dict[str, torch.Tensor]:
+    assert_not_quantized(model, "save")  # int8 weights are lossy and serving-only: never a checkpoint
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as wte.weight; safetensors refuses shared storage

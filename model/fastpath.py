@@ -23,9 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketgpt.model.kv_cache import CacheBatch, StaticBatch
+from pocketgpt.model.quantize import int8_linear
 
 if TYPE_CHECKING:
     from pocketgpt.model.gpt import GPT
+
+
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _norm(module: nn.Module) -> tuple:
@@ -35,15 +39,20 @@ def _norm(module: nn.Module) -> tuple:
     return module.weight, None, module.eps, False
 
 
+def _linear(module: nn.Module, dense: Linear = F.linear) -> tuple:
+    """(function, weight, bias) computing `module(x)` as function(x, weight, bias): `dense` (F.linear or the
+    oneDNN linear) for a float Linear, the int8 kernel for a quantized one."""
+    if isinstance(module, nn.Linear):
+        return dense, module.weight, module.bias
+    return int8_linear, (module.qweight, module.scales), module.bias  # model.quantize.Int8Linear
+
+
 def _apply_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
     """F.layer_norm / F.rms_norm without their Python wrappers (the same kernels)."""
     weight, bias, eps, layernorm = norm
     if layernorm:
         return torch.layer_norm(x, weight.shape, weight, bias, eps)
     return torch.rms_norm(x, weight.shape, weight, eps)
-
-
-Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def onednn_linear(weight: torch.Tensor) -> Linear | None:
@@ -79,7 +88,8 @@ class FlatForward:
 
     def __init__(self, model: GPT, onednn: bool | None = None) -> None:
         cfg = model.config
-        fast = onednn_linear(model.lm_head.weight) if onednn is not False else None
+        head = getattr(model.lm_head, "weight", None)  # None: an int8 head (model.quantize), no float products
+        fast = onednn_linear(head) if onednn is not False and head is not None else None
         if onednn and fast is None:
             raise ValueError("oneDNN's linear is not available for this model's device and dtype")
         self.linear: Linear = fast or F.linear
@@ -88,16 +98,16 @@ class FlatForward:
         self.layers = []
         for block in model.h:
             attn, mlp = block.attn, block.mlp
-            gate = (mlp.c_gate.weight, mlp.c_gate.bias) if self.swiglu else None
+            gate = _linear(mlp.c_gate, self.linear) if self.swiglu else None
             self.layers.append((
-                _norm(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
-                _norm(block.ln_2), gate, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+                _norm(block.ln_1), _linear(attn.c_attn, self.linear), _linear(attn.c_proj, self.linear),
+                _norm(block.ln_2), gate, _linear(mlp.c_fc, self.linear), _linear(mlp.c_proj, self.linear),
             ))
         self.wte = model.wte.weight
         self.wpe = model.wpe.weight if model.wpe is not None else None
         self.rope = (model.rope_cos, model.rope_sin) if model.wpe is None else None
         self.ln_f = _norm(model.ln_f)
-        self.lm_head = model.lm_head.weight
+        self.lm_head = _linear(model.lm_head, self.linear)
 
     def hidden(self, idx: torch.Tensor, batch: CacheBatch | StaticBatch) -> torch.Tensor:
         """Hidden states after the final norm for (B, C) tokens `idx`: `GPT._run` without the modules."""
@@ -105,7 +115,6 @@ class FlatForward:
 
         B, T = idx.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        linear = self.linear
         C = H * D
         positions = batch.positions
         x = F.embedding(idx, self.wte)
@@ -114,24 +123,25 @@ class FlatForward:
             x = x + F.embedding(positions, self.wpe)
         else:
             rope = (self.rope[0][positions].unsqueeze(1), self.rope[1][positions].unsqueeze(1))
-        for layer, (ln_1, w_attn, b_attn, w_proj, b_proj, ln_2, gate, w_fc, b_fc, w_out, b_out) in enumerate(
-            self.layers
-        ):
-            q, k, v = split_heads(linear(_apply_norm(x, ln_1), w_attn, b_attn), H, H_kv, D)
+        # Each linear is (function, weight, bias): F.linear's or, in a quantized model, the int8 kernel's.
+        for layer, (ln_1, (attn_f, attn_w, attn_b), (proj_f, proj_w, proj_b), ln_2, gate, (fc_f, fc_w, fc_b),
+                    (out_f, out_w, out_b)) in enumerate(self.layers):
+            q, k, v = split_heads(attn_f(_apply_norm(x, ln_1), attn_w, attn_b), H, H_kv, D)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             k, v = batch.update(layer, k, v)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
             y = attend(q, k, v, batch.mask, batch.is_causal)
-            x = x + linear(y.transpose(1, 2).reshape(B, T, C), w_proj, b_proj)
+            x = x + proj_f(y.transpose(1, 2).reshape(B, T, C), proj_w, proj_b)
             h = _apply_norm(x, ln_2)
             if gate is not None:
-                h = F.silu(linear(h, *gate)) * linear(h, w_fc, b_fc)
+                h = F.silu(gate[0](h, gate[1], gate[2])) * fc_f(h, fc_w, fc_b)
             else:
-                h = F.gelu(linear(h, w_fc, b_fc), approximate="tanh")
-            x = x + linear(h, w_out, b_out)
+                h = F.gelu(fc_f(h, fc_w, fc_b), approximate="tanh")
+            x = x + out_f(h, out_w, out_b)
         return _apply_norm(x, self.ln_f)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.lm_head, None)
+        f, weight, bias = self.lm_head
+        return f(x, weight, bias)

@@ -9,6 +9,7 @@ import torch
 
 from pocketgpt.app.engine.engine import Engine
 from pocketgpt.model.checkpoint import load_checkpoint
+from pocketgpt.model.quantize import apply_quantization
 
 if TYPE_CHECKING:
     from pocketgpt.app.metrics import Metrics
@@ -36,7 +37,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = None, **engine_kwargs: Any) -> Engine:
-    """Load a checkpoint onto the configured device and start its decode thread.
+    """Load a checkpoint onto the configured device (quantized as configured) and start its decode thread.
 
     Raises model.checkpoint.CheckpointError (its message names the file and the problem) when the directory
     is missing or damaged. `engine_kwargs` override Engine arguments (tests pass `runner`, a test double).
@@ -44,6 +45,7 @@ def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     checkpoint = load_checkpoint(path, device=device, dtype=dtype)
+    apply_quantization(checkpoint.model, settings.quantize)  # in place, before the runner prepares the model
     kwargs: dict[str, Any] = {
         "max_running": settings.max_running,
         "max_queue": settings.max_queue,

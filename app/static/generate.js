@@ -95,10 +95,12 @@ export function initGenerate({ onApiKeyChange }) {
     const busy = state === "streaming";
     if (!busy) controller = null;
     output.setAttribute("aria-busy", String(busy));
+    // The Stop button is disabled when the stream ends; do not leave keyboard focus on a disabled button.
+    // Read where focus is before disabling: some browsers blur a button as it is disabled.
+    const stopHadFocus = document.activeElement === stopButton;
     startButton.disabled = busy;
     stopButton.disabled = !busy;
-    // The Stop button is disabled when the stream ends; do not leave keyboard focus on a disabled button.
-    if (!busy && document.activeElement === stopButton) startButton.focus();
+    if (!busy && stopHadFocus) startButton.focus();
   }
 
   function showError(message) {
