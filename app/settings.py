@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     ray_jobs_address: str | None = Field(None, description="a Ray cluster's job API (http://HEAD:8265): admin-API "
                                          "training jobs run there as Ray jobs instead of local processes")
     ray_job_gpus: float = Field(0, ge=0, description="GPUs Ray reserves for each training job")
+    ray_train_workers: int = Field(0, ge=0, le=1024, description="with ray_jobs_address: 0 runs each job as one "
+                                   "trainer process; N runs it under Ray Train (TorchTrainer) as N DDP workers, "
+                                   "one GPU each where the cluster has GPUs (training/ray_train.py)")
     ray_serve_address: str | None = Field(None, description="the Ray cluster (GCS address) of a `pocketgpt serve "
                                           "--ray` deployment: this admin server's model swaps and serve_when_done "
                                           "swap its replicas")

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pocketgpt.app.ray_cli import parse_autoscale, replica_env, serve_config
 from pocketgpt.app.settings import Settings
@@ -158,6 +159,29 @@ def test_jobs_go_to_ray_only_when_configured() -> None:
     assert cmd is not None and cmd[1:3] == ["-m", "pocketgpt.app.jobs.ray_jobs"]
     assert cmd[cmd.index("--address") + 1] == "http://head:8265" and cmd[cmd.index("--gpus") + 1] == "1.0"
     assert int(cmd[cmd.index("--stop-wait") + 1]) < 30 and cmd[-1] == "--"
+    assert cmd[cmd.index("--workers") + 1] == "0"  # one trainer process, as before
+    ddp = trainer_command(Settings(ray_jobs_address="http://head:8265", ray_train_workers=4))
+    assert ddp is not None and ddp[ddp.index("--workers") + 1] == "4" and ddp[-1] == "--"
+
+
+def test_ray_train_workers_make_the_job_the_ray_train_driver() -> None:
+    from pocketgpt.app.jobs.ray_jobs import trainer_entrypoint
+
+    assert trainer_entrypoint("python", ["--out", "/x y"], workers=0) == \
+        "python -m pocketgpt.training train --out '/x y'"
+    assert trainer_entrypoint("python", ["--out", "/x y"], workers=2) == \
+        "python -m pocketgpt.training.ray_train --workers 2 -- --out '/x y'"
+    with pytest.raises(ValidationError, match="ray_train_workers"):
+        Settings(ray_train_workers=-1)
+
+
+def test_ray_train_exit_code_is_rank_0s_else_a_failure_else_0() -> None:
+    from pocketgpt.training.ray_train import exit_code
+
+    assert exit_code({0: 0, 1: 0}, 2) == 0
+    assert exit_code({0: 143, 1: 143}, 2) == 143  # stopped: every rank saw the signal, rank 0 saved
+    assert exit_code({0: 0, 1: 3}, 2) == 3 and exit_code({0: 1, 1: 3}, 2) == 1
+    assert exit_code({0: 0}, 2) == 1  # rank 1's worker died before it could report
 
 
 class _SlowRay:

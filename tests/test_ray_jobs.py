@@ -19,8 +19,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from pocketgpt.app.testing import running_server
+from pocketgpt.model.checkpoint import load_checkpoint, load_train_state
+from pocketgpt.training.metrics import read_metrics
 from tests.admin_helpers import (
     ADMIN,
     TOKEN,
@@ -35,6 +38,7 @@ from tests.admin_helpers import (
 )
 from tests.conftest import make_tiny_checkpoint
 from tests.serverproc import ROOT, base_env, free_port
+from tests.test_training_data import write_corpus
 
 # Imported in the fixtures: the default run (`-m "not ray"`) collects this module without Ray installed.
 NEEDS_RAY = "needs the ray extra: pip install 'pocketgpt[ray]'"
@@ -42,7 +46,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 _CLUSTER = textwrap.dedent("""
     import sys, ray
-    ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]))
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]))
     print("ready", ray.get_runtime_context().gcs_address, flush=True)
     sys.stdin.read()  # until the test closes our stdin
     ray.shutdown()
@@ -187,3 +191,62 @@ def test_a_job_trained_on_ray_is_served_by_the_ray_serve_replicas(tmp_path: Path
             replicas.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(replicas.pid, signal.SIGKILL)
+
+
+# -- DDP under Ray Train (POCKETGPT_RAY_TRAIN_WORKERS, training/ray_train.py); the cluster has 2 CPUs: a worker each
+
+TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "8", "--tokenizer-vocab", "300", "--device", "cpu"]
+
+
+def test_ray_train_two_workers_match_one_process(tmp_path: Path, cluster: Cluster) -> None:
+    """2 Ray Train workers (gloo) follow the 1-process run as torchrun's 2 processes do (tests/test_training_cli.py):
+    losses and weights equal up to the all-reduce's summation order; only rank 0 wrote."""
+    corpus = write_corpus(tmp_path / "corpus.txt", 3000)
+    args = ["--data", str(corpus), *TINY, "--max-steps", "12", "--log-every", "1", "--eval-every", "6",
+            "--warmup-steps", "2", "--data-dir", str(tmp_path / "prepared"), "--dist-timeout", "120"]
+    env = base_env(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", OMP_NUM_THREADS="1")
+    one_cmd = [sys.executable, "-m", "pocketgpt.training", "train", *args, "--out", str(tmp_path / "one")]
+    single = subprocess.run(one_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "pocketgpt.training.ray_train", "--workers", "2", "--",
+                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, env={**env, "RAY_ADDRESS": cluster.gcs},
+                         capture_output=True, text=True, timeout=400)
+    assert ddp.returncode == 0, ddp.stdout[-4000:] + ddp.stderr[-4000:]
+    assert "Ray Train, 2 workers (CPU)" in ddp.stdout and "exit codes by rank {" in ddp.stdout
+
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["type"] for r in two] == [r["type"] for r in one] and [r["type"] for r in two].count("start") == 1
+    losses = [(a["loss"], b["loss"]) for a, b in zip(one, two, strict=True) if a["type"] == "train"]
+    assert len(losses) == 12 and max(abs(a - b) for a, b in losses) < 1e-4
+    a, b = load_checkpoint(tmp_path / "one" / "last"), load_checkpoint(tmp_path / "two" / "last")
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-4), name
+    assert load_train_state(tmp_path / "two" / "last")["world_size"] == 2
+
+
+def test_admin_job_under_ray_train_finishes_is_served_and_cancels_with_a_save(tmp_path: Path, cluster: Cluster) -> None:
+    """With ray_train_workers=2 the admin job runs as 2 DDP workers: events, serve_when_done and a loadable
+    checkpoint as before; a second job cancelled mid-run reaches every worker, rank 0 saves last/, exit 143."""
+    ckpts = tmp_path / "ckpt"
+    settings = make_settings(tmp_path, make_tiny_checkpoint(ckpts / "base"), ray_jobs_address=cluster.jobs,
+                             ray_train_workers=2)
+    with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ds = upload(client, corpus_bytes())
+        job = start_job(client, data=ds["id"], max_steps=10, serve_when_done=True)
+        events = follow_events(client, job["id"], timeout=400)
+        assert [d["step"] for k, d in events if k == "train"] == list(range(1, 11))
+        assert events[-1][1]["status"] == "succeeded" and events[-1][1]["exit_code"] == 0, events[-1]
+        served = wait_job(client, job["id"], lambda j: j["served_checkpoint"] or j["serve_error"], timeout=60)
+        assert served["served_checkpoint"] == f"{job['id']}/best", served
+        log = client.get(f"/admin/jobs/{job['id']}/logs?tail=2000", headers=ADMIN).text
+        assert "Ray Train, 2 workers" in log and "SUCCEEDED" in log
+
+        second = start_job(client, data=ds["id"], max_steps=500)
+        wait_job(client, second["id"], lambda j: (j["step"] or 0) >= 2, timeout=400)
+        assert client.post(f"/admin/jobs/{second['id']}/cancel", headers=ADMIN).status_code == 200
+        cancelled = wait_job(client, second["id"], lambda j: j["status"] != "running", timeout=120)
+        assert cancelled["status"] == "cancelled" and cancelled["exit_code"] == 143, cancelled
+        assert cancelled["checkpoints"]["last"] == f"{second['id']}/last"
+    assert load_checkpoint(ckpts / job["id"] / "best").model is not None
+    assert load_train_state(ckpts / job["id"] / "last")["world_size"] == 2
+    assert load_train_state(ckpts / second["id"] / "last")["world_size"] == 2

@@ -1,14 +1,16 @@
 """Run one training job on a Ray cluster, as a local stand-in process the job manager treats like a trainer.
 
-    python -m pocketgpt.app.jobs.ray_jobs --address http://HEAD:8265 [--gpus N] -- ARGS...
+    python -m pocketgpt.app.jobs.ray_jobs --address http://HEAD:8265 [--gpus N] [--workers N] -- ARGS...
 
 submits `python -m pocketgpt.training train ARGS...` as a Ray job (Ray's job submission API, through the
-cluster's dashboard), copies the job's log to stdout, and exits when the job does: 0 when it succeeded, 143
-when it was stopped, the trainer's exit code (or 1) when it failed. SIGTERM or SIGINT stops the Ray job, which
-sends SIGTERM to the trainer, so it saves `last/` as it does locally. Because it behaves like a trainer
-process, the job manager's whole lifecycle (queue, metrics and events from the run directory, logs, cancel,
-interrupted at server shutdown, resume, serve_when_done) works unchanged; the run directory must be on storage
-the admin server and every Ray node mount at the same path.
+cluster's dashboard; with `--workers N`, N > 0, the job is `python -m pocketgpt.training.ray_train --workers N
+-- ARGS...`: the trainer in N Ray Train workers, DDP, training/ray_train.py), copies the job's log to stdout,
+and exits when the job does: 0 when it succeeded, 143 when it was stopped, the trainer's exit code (or 1)
+when it failed. SIGTERM or SIGINT stops the Ray job, which sends SIGTERM to the trainer, so it saves `last/`
+as it does locally. Because it behaves like a trainer process, the job manager's whole lifecycle (queue,
+metrics and events from the run directory, logs, cancel, interrupted at server shutdown, resume,
+serve_when_done) works unchanged; the run directory must be on storage the admin server
+and every Ray node mount at the same path.
 
 Used when `POCKETGPT_RAY_JOBS_ADDRESS` is set (app/jobs/service.py). Imports ray only when run.
 """
@@ -29,8 +31,11 @@ POLL_S = 0.5
 SUBMIT_RETRY_S = 120.0
 
 
-def trainer_entrypoint(python: str, args: list[str]) -> str:
-    """The Ray job's shell command: the trainer with `args`, quoted."""
+def trainer_entrypoint(python: str, args: list[str], workers: int = 0) -> str:
+    """The Ray job's shell command: the trainer with `args`, quoted; with `workers` the Ray Train driver that
+    runs it in that many DDP workers (a module name only: the app imports nothing of training)."""
+    if workers > 0:
+        return shlex.join([python, "-m", "pocketgpt.training.ray_train", "--workers", str(workers), "--", *args])
     return shlex.join([python, "-m", "pocketgpt.training", "train", *args])
 
 
@@ -43,13 +48,15 @@ def exit_code(status: str, driver_exit_code: int | None) -> int:
     return driver_exit_code if driver_exit_code else 1
 
 
-async def run(address: str, args: list[str], python: str, gpus: float, stop_wait_s: int) -> int:
+async def run(address: str, args: list[str], python: str, gpus: float, stop_wait_s: int, workers: int = 0) -> int:
     """Submit, follow, and on SIGTERM/SIGINT stop the job; returns the exit code. Ray gives the stopped trainer
-    `stop_wait_s` seconds (its RAY_JOB_STOP_WAIT_TIME_S, read by the job's supervisor) to save before SIGKILL."""
+    `stop_wait_s` seconds (its RAY_JOB_STOP_WAIT_TIME_S, read by the job's supervisor) to save before SIGKILL.
+    With `workers` the driver needs no GPU (each Ray Train worker reserves its own), so `gpus` is not asked."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    entrypoint = trainer_entrypoint(python, args)
+    entrypoint = trainer_entrypoint(python, args, workers)
+    gpus = 0 if workers > 0 else gpus
     env = {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait_s)}
     submit = functools.partial(client.submit_job, entrypoint=entrypoint, entrypoint_num_gpus=gpus or None,
                                submission_id=f"pocketgpt-{int(time.time() * 1000)}", runtime_env={"env_vars": env})
@@ -102,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=float, default=0, help="GPUs reserved for the trainer (default 0)")
     parser.add_argument("--python", default="python", help="the interpreter on the cluster (default: python)")
     parser.add_argument("--stop-wait", type=int, default=30, help="seconds a stopped trainer gets to save (30)")
+    parser.add_argument("--workers", type=int, default=0, help="Ray Train DDP workers (0: one trainer process)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the trainer's arguments")
     ns = parser.parse_args(argv)
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-    return asyncio.run(run(ns.address, args, ns.python, ns.gpus, ns.stop_wait))
+    return asyncio.run(run(ns.address, args, ns.python, ns.gpus, ns.stop_wait, ns.workers))
 
 
 if __name__ == "__main__":

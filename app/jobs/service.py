@@ -45,13 +45,14 @@ def create_job_manager(settings: Settings, holder: EngineHolder, on_serve: Serve
 
 def trainer_command(settings: Settings) -> list[str] | None:
     """The command a job's arguments are appended to: None (the manager's local trainer), or with
-    POCKETGPT_RAY_JOBS_ADDRESS a stand-in that runs the trainer as a Ray job (app/jobs/ray_jobs.py)."""
+    POCKETGPT_RAY_JOBS_ADDRESS a stand-in that runs the trainer as a Ray job (app/jobs/ray_jobs.py), under
+    Ray Train with POCKETGPT_RAY_TRAIN_WORKERS."""
     if not settings.ray_jobs_address:
         return None
     return [sys.executable, "-m", "pocketgpt.app.jobs.ray_jobs", "--address", settings.ray_jobs_address,
             # Ray's own SIGKILL comes first, so this stand-in can still report how the job ended.
             "--gpus", str(settings.ray_job_gpus), "--stop-wait", str(max(1, math.floor(settings.cancel_grace_s * 0.8))),
-            "--"]
+            "--workers", str(settings.ray_train_workers), "--"]
 
 
 def named_for(path: Path, settings: Settings) -> Settings:
