@@ -74,11 +74,12 @@ export function initChat({ onAuthError }) {
   // `state` is the log's data-state: streaming, then done, stopped or error (what tests and CSS read).
   function setBusy(busy, state = busy ? "streaming" : "idle") {
     log.dataset.state = state;
+    const stopHadFocus = document.activeElement === stopButton; // read before disabling: browsers may blur it
     log.setAttribute("aria-busy", String(busy));
     sendButton.disabled = busy;
     stopButton.disabled = !busy;
     if (!busy) controller = null;
-    if (!busy && document.activeElement === stopButton) input.focus();
+    if (!busy && stopHadFocus) input.focus();
   }
 
   function body() {
