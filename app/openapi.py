@@ -198,6 +198,7 @@ class Info(BaseModel):
     dtype: str
     prefix_cache_tokens: int = 0
     meta: dict[str, Any]
+    chat_template: bool = Field(False, description="the model has a chat template: /v1/chat/completions works")
     limits: dict[str, Any]
 
 

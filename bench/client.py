@@ -29,6 +29,7 @@ class StreamResult:
     arrivals: list[float] = field(default_factory=list)
     ok: bool = False
     error: str | None = None
+    done: dict | None = None  # the `done` event's data (usage, finish reason): parsed once per stream
 
     @property
     def ttft(self) -> float | None:
@@ -89,6 +90,8 @@ async def sse_generate(host: str, port: int, body: dict, started: asyncio.Event 
                         on_token(result)
                 elif event.startswith(b"event: done"):
                     result.ok = True
+                    data = [ln[5:].strip() for ln in event.split(b"\n") if ln.startswith(b"data:")]
+                    result.done = json.loads(b"\n".join(data)) if data else None
                 elif event.startswith(b"event: error"):
                     result.error = event.decode(errors="replace")[:300]
         if not result.ok and result.error is None:

@@ -316,6 +316,13 @@ def readme_llama(gqa: dict[str, Any], lora: dict[str, Any]) -> str:
                     f"in-process engine | {num(b['engine_tok_s'], 1)} tok/s | `transformers` `generate()` "
                     f"{num(b['transformers_tok_s'], 1)} tok/s ({times(b['ratio'])}); outputs identical "
                     f"{b['identical_greedy_outputs']} | {g} `batch_{batch}` |")
+    for batch in (1, 8):  # the served path, measured in the same rounds (absent from older result files)
+        b = gqa[f"batch_{batch}"]
+        if "http_tok_s" in b:
+            rows.append(f"| the same, served: {batch} SSE stream{'s' if batch > 1 else ''} of `/v1/generate` from a "
+                        f"`pocketgpt serve` subprocess | {num(b['http_tok_s'], 1)} tok/s | in-process engine "
+                        f"{num(b['engine_tok_s'], 1)} tok/s (HTTP / in-process {b['http_over_engine']:.2f}) | "
+                        f"{g} `batch_{batch}.http_tok_s` |")
     rows.append(f"| KV cache per token (fp32) | {num(kv['gqa_3_kv_heads'])} bytes (3 KV heads) | without GQA (9): "
                 f"{num(kv['without_gqa_9_kv_heads'])} bytes ({kv['ratio']:.3f}) | {g} `kv_cache_bytes_per_token` |")
     f, r, ratio = lora["full"], lora["lora_run"], lora["ratios_lora_over_full"]
@@ -328,12 +335,18 @@ def readme_llama(gqa: dict[str, Any], lora: dict[str, Any]) -> str:
     load_g = ", ".join(f"{x:.1f}" for x in gqa["load_average_before"])
     load_l = ", ".join(f"{x:.1f}" for x in lora["load_average_before"])
     m = gqa["model"]
+    served = ""
+    if "http" in gqa:  # the served rows send the prompts as text, which the server tokenises afresh
+        lo_n, hi_n = min(gqa["http"]["http_prompt_tokens"]), max(gqa["http"]["http_prompt_tokens"])
+        served = (f" (the served rows send the prompts as text, {lo_n}-{hi_n} tokens once the server tokenises "
+                  "them; tokens/s there run from sending to the last token's arrival)")
     return "\n".join([
         f"A model with SmolLM2-135M's shape ({m['n_layer']} layers, width {m['n_embd']}, {m['n_head']} heads and "
         f"{m['n_kv_head']} KV heads, MLP {m['mlp_width']}, vocab {num(m['vocab_size'])}; random weights, fp32, CPU, "
         f"{gqa['machine']['torch_threads']} torch thread), made with `transformers` and imported with `import-hf`. "
-        f"Generation includes the {gqa['prompt_tokens']}-token prompt's prefill on both sides; the machine was shared "
-        f"(load average {load_g} at the start of `{gqa['command']}`, {load_l} at the start of `{lora['command']}`):",
+        f"Generation includes the {gqa['prompt_tokens']}-token prompt's prefill on both sides{served}; the machine was "
+        f"shared (load average {load_g} at the start of `{gqa['command']}`, {load_l} at the start of "
+        f"`{lora['command']}`):",
         "", *rows,
     ])
 

@@ -22,6 +22,9 @@ import httpx
 import pytest
 
 from pocketgpt.app.testing import running_server
+from pocketgpt.model.chat import ChatTemplate
+from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint
+from pocketgpt.model.vocab import add_token_rows
 from tests.admin_helpers import ADMIN, API_KEY, TOKEN, USER, corpus_bytes, make_app, make_settings
 from tests.conftest import make_tiny_checkpoint
 from tests.prom import scrape
@@ -70,6 +73,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     base = make_tiny_checkpoint(root / "ckpt" / "starter" / "base")
     settings = make_settings(root, base, max_running=2, max_queue=2)
     with running_server(make_app(settings, step_delay=STEP_DELAY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Like `server`, but its tiny model has the default chat template (markers added to the vocabulary)."""
+    root = tmp_path_factory.mktemp("playground-chat")
+    plain = load_checkpoint(make_tiny_checkpoint(root / "plain", block_size=128))
+    template = ChatTemplate()
+    tok = plain.tokenizer.with_special_tokens(template.special_tokens)
+    model = add_token_rows(plain.model, plain.tokenizer.vocab_size, tok.vocab_size)
+    chat = save_checkpoint(root / "ckpt" / "chat", model, tok, {"step": 0}, chat_template=template)
+    with running_server(make_app(make_settings(root, chat), step_delay=STEP_DELAY)) as url:
         yield url
 
 
@@ -372,3 +388,61 @@ def test_json_schema_box_constrains_the_output(page, server) -> None:
     assert page.inner_text("#stat-finish") == "eos"  # the grammar completed the output
     out = json.loads(page.inner_text("#gen-text"))
     assert set(out) == {"n"} and 0 <= out["n"] <= 99
+
+
+def test_chat_mode_streams_a_reply_and_keeps_the_conversation(browser, server, chat_server, shots) -> None:
+    # A model without a chat template: no Chat tab (its /v1/chat/completions would answer 400).
+    context, page, errors = new_page(browser, server)
+    page.wait_for_selector("#model-info:not([hidden])")
+    assert page.is_hidden("#tab-chat")
+    context.close()
+
+    context, page, errors = new_page(browser, chat_server)
+    sent: list[Any] = []
+    page.on("request", lambda r: sent.append(r) if r.url.endswith("/v1/chat/completions") else None)
+    page.click("#tab-chat:not([hidden])")
+    assert page.is_visible("#panel-chat") and page.is_hidden("#panel-generate")
+    page.click("#panel-chat summary")
+    page.fill("#chat-system", "Be brief.")
+    page.fill("#chat-max-tokens", "40")
+    page.fill("#chat-temperature", "0")
+    # Markup in the message must come back as text, never as elements.
+    message = "Hello <b>there</b>"
+    page.fill("#chat-input", message)
+    page.evaluate(SAMPLE_FRAMES.replace('getElementById("gen-text")', 'getElementById("chat-log")'))
+    page.press("#chat-input", "Control+Enter")
+    page.wait_for_selector("#chat-log[data-state=streaming]")
+    page.wait_for_selector("#chat-log[data-state=done]")
+    lengths = page.evaluate("window.__stopSampling = true, window.__lengths")
+
+    turns = page.eval_on_selector_all("#chat-log .turn", "els => els.map(e => [e.dataset.role, "
+                                      "e.querySelector('.content').textContent])")
+    assert [role for role, _ in turns] == ["user", "assistant"]
+    assert turns[0][1] == message and page.locator("#chat-log b").count() == 0
+    reply = turns[1][1]
+    assert len(set(lengths)) >= 4, f"the reply did not arrive over several frames: {sorted(set(lengths))}"
+    assert page.input_value("#chat-input") == "" and page.is_enabled("#chat-send")
+
+    # The page sent a streamed chat completion with the system prompt first; the same request, not streamed
+    # and greedy, gives the same reply.
+    assert len(sent) == 1 and sent[0].method == "POST"
+    body = json.loads(sent[0].post_data)
+    assert body["stream"] is True
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": message}]
+    reference = httpx.post(f"{chat_server}/v1/chat/completions", headers=USER, timeout=30,
+                           json={**body, "stream": False}).json()
+    assert reply == reference["choices"][0]["message"]["content"] and reply
+
+    # The second turn carries the whole conversation, then Clear empties it.
+    page.fill("#chat-input", "And again?")
+    page.click("#chat-send")
+    page.wait_for_function("() => document.querySelectorAll('#chat-log .turn').length === 4 && "
+                           "document.getElementById('chat-log').dataset.state === 'done'")
+    second = json.loads(sent[1].post_data)["messages"]
+    assert second[1:] == [{"role": "user", "content": message}, {"role": "assistant", "content": reply},
+                          {"role": "user", "content": "And again?"}]
+    page.screenshot(path=str(shots / "chat.png"), full_page=True)
+    page.click("#chat-clear")
+    assert page.locator("#chat-log .turn").count() == 0 and page.is_visible("#chat-empty")
+    context.close()
+    assert errors == []

@@ -43,6 +43,7 @@ def post(url: str, body: dict) -> httpx.Response:
 
 def test_a_checkpoint_without_template_is_a_clear_400(tiny_checkpoint: Path) -> None:
     with running_server(create_app(Settings(checkpoint=tiny_checkpoint))) as base:
+        assert httpx.get(f"{base}/info").json()["chat_template"] is False  # what the playground reads
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
@@ -51,6 +52,10 @@ def test_a_checkpoint_without_template_is_a_clear_400(tiny_checkpoint: Path) -> 
         r = post(base, {"messages": [{"role": "user", "content": "Hi"}], "stream": True})
         assert r.status_code == 400  # refused before any stream starts
         assert httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_info_says_the_model_takes_chat(url: str) -> None:
+    assert httpx.get(f"{url}/info").json()["chat_template"] is True
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [

@@ -12,6 +12,7 @@ from pocketgpt.app.context import AppContext, get_ctx
 from pocketgpt.app.errors import APIError
 from pocketgpt.app.metrics import CONTENT_TYPE
 from pocketgpt.app.shutdown import shutting_down_error
+from pocketgpt.model.chat import ChatTemplate
 
 router = APIRouter()
 
@@ -35,13 +36,16 @@ async def readyz(ctx: AppContext = Depends(get_ctx)) -> Response:
 
 @router.get("/info", dependencies=[Depends(require_api_key)])
 async def info(request: Request, ctx: AppContext = Depends(get_ctx)) -> dict[str, Any]:
-    """Model, checkpoint path, config, context length, device, dtype and the server's limits (and, under Ray
-    Serve, which replica answered)."""
+    """Model, checkpoint path, config, context length, device, dtype, whether it takes chat messages
+    (`chat_template`: /v1/chat/completions answers 400 `no_chat_template` without one) and the server's limits
+    (and, under Ray Serve, which replica answered)."""
     engine = ctx.holder.current
     if engine is None:
         raise APIError(503, "the model is not loaded yet", code="model_not_ready")
     replica = getattr(request.app.state, "replica", None)  # set by app/ray_serve.py
-    return {**engine.info(), "limits": ctx.settings.limits(), **({"replica": replica} if replica else {})}
+    chat = ChatTemplate.from_meta(engine.meta) is not None  # validated when the checkpoint was loaded
+    return {**engine.info(), "chat_template": chat, "limits": ctx.settings.limits(),
+            **({"replica": replica} if replica else {})}
 
 
 @router.get("/metrics")

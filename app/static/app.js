@@ -1,6 +1,7 @@
-// Page start-up: the tabs, the served-model panel, and wiring the Generate and Train tabs together.
+// Page start-up: the tabs, the served-model panel, and wiring the Generate, Chat and Train tabs together.
 
 import { ADMIN_TOKEN, API_KEY, ApiError, api, describe, fmt, store } from "./api.js";
+import { initChat } from "./chat.js";
 import { initGenerate } from "./generate.js";
 import { initTrain } from "./train.js";
 
@@ -25,11 +26,12 @@ function selectTab(tab, focus = false) {
 for (const tab of tabs) {
   tab.addEventListener("click", () => selectTab(tab));
   tab.addEventListener("keydown", (event) => {
-    const i = tabs.indexOf(tab);
-    const next = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: tabs.length - 1 }[event.key];
+    const shown = tabs.filter((t) => !t.hidden); // the Chat tab is hidden for a model without a template
+    const i = shown.indexOf(tab);
+    const next = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: shown.length - 1 }[event.key];
     if (next === undefined) return;
     event.preventDefault();
-    selectTab(tabs[(next + tabs.length) % tabs.length], true);
+    selectTab(shown[(next + shown.length) % shown.length], true);
   });
 }
 
@@ -41,6 +43,13 @@ function showModelMessage(text, kind = "") {
   modelMsg.textContent = text;
   modelMsg.hidden = !text;
   modelMsg.classList.toggle("error", kind === "error");
+}
+
+// Chat mode only for a model with a chat template (without one /v1/chat/completions answers 400).
+function showChat(available) {
+  const tab = $("tab-chat");
+  tab.hidden = !available;
+  if (!available && tab.getAttribute("aria-selected") === "true") selectTab($("tab-generate"));
 }
 
 let modelRequest = 0; // refreshes can overlap (a key typed, a checkpoint loaded): only the latest may write
@@ -66,6 +75,7 @@ async function refreshModel() {
   } catch (err) {
     if (mine !== modelRequest) return;
     modelInfo.hidden = true;
+    showChat(false);
     if (err instanceof ApiError && err.status === 401) {
       // /info sits behind the API key when the server has keys; say where to enter one.
       showModelMessage("This server needs an API key to show model details. Enter it under Generate → API key.");
@@ -93,6 +103,7 @@ async function refreshModel() {
   $("model-trained").textContent = trained.filter(Boolean).join(", ") || "—";
   $("model-device").textContent = `${info.device}, ${info.dtype}`;
   modelInfo.hidden = false;
+  showChat(info.chat_template === true);
   showModelMessage("");
 }
 
@@ -100,6 +111,14 @@ $("model-refresh").addEventListener("click", refreshModel);
 
 // -- start -------------------------------------------------------------------------------------------------
 initGenerate({ onApiKeyChange: refreshModel });
+initChat({
+  // A missing or wrong key: the key field lives on the Generate tab; take the user there.
+  onAuthError: () => {
+    selectTab($("tab-generate"));
+    $("key-details").open = true;
+    $("api-key").focus();
+  },
+});
 const train = initTrain({
   isVisible: () => !$("panel-train").hidden,
   onModelChange: refreshModel,
@@ -108,5 +127,7 @@ onShow["tab-train"] = () => train.show();
 
 const initial = tabs.find((t) => t.id === `tab-${location.hash.slice(1)}`) || tabs[0];
 selectTab(initial);
+// The page opened at #chat shows Chat at once; refreshModel() then hides it if the model has no template.
+if (initial.id === "tab-chat") initial.hidden = false;
 refreshModel();
 document.documentElement.dataset.ready = "true"; // the page's scripts have run (tests wait for this)
