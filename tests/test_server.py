@@ -177,7 +177,9 @@ def test_client_disconnect_frees_the_slot(slow_url: str) -> None:
 
 def test_non_stream_client_disconnect_frees_the_slot(slow_url: str) -> None:
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{slow_url}/v1/generate", json={"prompt": "Hi", "max_new_tokens": 120}, timeout=0.5)
+        # Greedy, so the run is the same every time: an unseeded sample could hit end-of-text within 0.5 s.
+        body = {"prompt": "Hi", "max_new_tokens": 120, "temperature": 0}
+        httpx.post(f"{slow_url}/v1/generate", json=body, timeout=0.5)
     closed = time.monotonic()
     freed = wait_for_metric(slow_url, "pocketgpt_kv_slots_in_use", 0)
     assert freed - closed < 1.0
