@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -59,6 +60,22 @@ PASSES = [
 ]
 
 
+def run_passes(ref: GPT, fast: GPT, check: Callable[[torch.Tensor, torch.Tensor], None]) -> tuple[KVCache, KVCache]:
+    """Run PASSES (prefills, padded prefills, batched decodes) through both models' caches; `check(ref_out,
+    fast_out)` compares each pass's logits. Returns both caches for a last comparison."""
+    c_ref, c_fast = KVCache.for_model(ref, 4), KVCache.for_model(fast, 4)
+    gen = torch.Generator().manual_seed(1)
+    for slots, starts, n, lengths in PASSES:
+        idx = torch.randint(0, V, (len(slots), n), generator=gen)
+        check(ref.forward_cached(idx, c_ref, slots, starts, last_only=lengths is None, lengths=lengths),
+              fast.forward_cached(idx, c_fast, slots, starts, last_only=lengths is None, lengths=lengths))
+    return c_ref, c_fast
+
+
+def assert_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("transpose", [False, True])
 def test_flat_forward_is_bitwise_equal_to_the_modules(layout: str, transpose: bool) -> None:
@@ -67,13 +84,7 @@ def test_flat_forward_is_bitwise_equal_to_the_modules(layout: str, transpose: bo
     if transpose:  # the module path on the same (transposed) weights
         ref.prepare_inference(transpose_weights=True)
         ref._flat = None
-    c_ref, c_fast = KVCache.for_model(ref, 4), KVCache.for_model(fast, 4)
-    gen = torch.Generator().manual_seed(1)
-    for slots, starts, n, lengths in PASSES:
-        idx = torch.randint(0, V, (len(slots), n), generator=gen)
-        a = ref.forward_cached(idx, c_ref, slots, starts, last_only=lengths is None, lengths=lengths)
-        b = fast.forward_cached(idx, c_fast, slots, starts, last_only=lengths is None, lengths=lengths)
-        assert torch.equal(a, b), (slots, starts)
+    c_ref, c_fast = run_passes(ref, fast, assert_equal)
     assert torch.equal(c_ref.k, c_fast.k) and torch.equal(c_ref.v, c_fast.v)
 
 
@@ -86,13 +97,8 @@ def test_onednn_products_match_the_modules_and_do_not_depend_on_the_batch(layout
     ref = make_model(layout)
     fast = copy.deepcopy(ref).prepare_inference(onednn=True)
     assert fast._flat.linear is not F.linear
-    c_ref, c_fast = KVCache.for_model(ref, 4), KVCache.for_model(fast, 4)
+    run_passes(ref, fast, lambda a, b: torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5))
     gen = torch.Generator().manual_seed(1)
-    for slots, starts, n, lengths in PASSES:
-        idx = torch.randint(0, V, (len(slots), n), generator=gen)
-        a = ref.forward_cached(idx, c_ref, slots, starts, last_only=lengths is None, lengths=lengths)
-        b = fast.forward_cached(idx, c_fast, slots, starts, last_only=lengths is None, lengths=lengths)
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
     x = torch.randn(8, 32, generator=gen)
     whole = fast._flat.logits(x)
     for rows in (slice(0, 2), slice(3, 6), slice(1, 8)):

@@ -26,7 +26,7 @@ from pocketgpt.model.quantize import (
     quantize_int8,
 )
 from tests.conftest import make_tiny_checkpoint
-from tests.test_perf_paths import PASSES, V, make_model
+from tests.test_perf_paths import V, assert_equal, make_model, run_passes
 
 QUANT_LAYOUTS = ["modern", "gpt2", "gpt2-tied", "gqa"]
 
@@ -85,13 +85,7 @@ def test_int8_fast_path_equals_int8_modules(layout: str) -> None:
     q = quantize_int8(make_model(layout))
     fast = copy.deepcopy(q).prepare_inference()
     assert fast._flat is not None
-    c_ref, c_fast = KVCache.for_model(q, 4), KVCache.for_model(fast, 4)
-    gen = torch.Generator().manual_seed(1)
-    for slots, starts, n, lengths in PASSES:
-        idx = torch.randint(0, V, (len(slots), n), generator=gen)
-        a = q.forward_cached(idx, c_ref, slots, starts, last_only=lengths is None, lengths=lengths)
-        b = fast.forward_cached(idx, c_fast, slots, starts, last_only=lengths is None, lengths=lengths)
-        assert torch.equal(a, b), (slots, starts)
+    run_passes(q, fast, assert_equal)
 
 
 @pytest.mark.parametrize("layout", ["modern", "gpt2", "gqa"])
