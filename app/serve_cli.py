@@ -34,6 +34,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (env POCKETGPT_DEVICE)")
     parser.add_argument("--dtype", help="auto, float32, bfloat16, float16 (env POCKETGPT_DTYPE)")
     parser.add_argument("--quantize", help="none or int8: weight-only int8 Linear layers (env POCKETGPT_QUANTIZE)")
+    parser.add_argument("--threads", type=int, help="CPU threads for the model; default: cores less one "
+                        "(env POCKETGPT_THREADS)")
+    parser.add_argument("--compile", action="store_const", const=True,
+                        help="CPU: compile the decode step, ~30 s at load (env POCKETGPT_COMPILE)")
 
 
 def serve(argv: list[str]) -> int:
@@ -142,7 +146,9 @@ def generate(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, help="random when absent (printed at the end)")
     args = parser.parse_args(argv)
     settings = _settings({"checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
-                          "quantize": args.quantize, "max_running": 1, "max_queue": 0}, "generate")
+                          "quantize": args.quantize, "compile": args.compile, "threads": args.threads,
+                          "max_running": 1, "max_queue": 0},
+                         "generate")
     if settings is None:
         return 2
     if settings.checkpoint is None:

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = Field("none", description="none, or int8: weight-only int8 Linear layers "
                                               "(per-channel scales; faster decode, ~1/4 of their memory, "
                                               "slightly different outputs)")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for the model (default: the "
+                                "cores this process may use, less one for the event loop; at least 1)")
+    compile: bool = Field(False, description="CPU: compile the decode step with torch.compile (needs a C++ "
+                          "compiler; ~30 s more per model load, faster batch-1 decode; see README)")
 
     # -- network -------------------------------------------------------------------------------
     host: str = "127.0.0.1"

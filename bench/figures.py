@@ -466,15 +466,22 @@ def readme_int8(d: dict[str, Any]) -> str:
                  f"{num(lc['llamacpp_q8_0_tok_s'])} tok/s")
     load_b = ", ".join(f"{x:.1f}" for x in d["load_average_before"])
     load_a = ", ".join(f"{x:.1f}" for x in d["load_average_after"])
+    threads = d["machine"]["torch_threads"]
     rows = [
         "| what | fp32 | int8 | compared with |",
         "| --- | --: | --: | --- |",
-        f"| {d['new_tokens']} greedy tokens, batch 1, 6×384 modern layout, in-process engine | "
-        f"{num(dec['pocketgpt_fp32_tok_s'])} tok/s | {num(dec['pocketgpt_int8_tok_s'])} tok/s "
-        f"({times(dec['int8_vs_fp32'])}) | `transformers` `generate()` {num(dec['transformers_tok_s'])} tok/s; "
-        f"{llama}; fp32 / llama.cpp f32 {times(dec['fp32_vs_llamacpp_f32'])}, int8 / q8_0 "
-        f"{times(dec['int8_vs_llamacpp_q8_0'])} |",
+        f"| {d['new_tokens']} greedy tokens, batch 1, 6×384 modern layout, in-process engine ({threads} model "
+        f"thread{'s' if threads > 1 else ''}) | {num(dec['pocketgpt_fp32_tok_s'])} tok/s | "
+        f"{num(dec['pocketgpt_int8_tok_s'])} tok/s ({times(dec['int8_vs_fp32'])}) | `transformers` `generate()` "
+        f"{num(dec['transformers_tok_s'])} tok/s; {llama}; fp32 / llama.cpp f32 "
+        f"{times(dec['fp32_vs_llamacpp_f32'])}, int8 / q8_0 {times(dec['int8_vs_llamacpp_q8_0'])} |",
     ]
+    if "pocketgpt_fp32_compiled_tok_s" in dec:
+        rows.append(
+            f"| the same with `--compile` | {num(dec['pocketgpt_fp32_compiled_tok_s'])} tok/s "
+            f"({times(dec['compiled_vs_eager_fp32'])} eager) | {num(dec['pocketgpt_int8_compiled_tok_s'])} tok/s | "
+            f"fp32 / llama.cpp f32 {times(dec['fp32_compiled_vs_llamacpp_f32'])}, int8 / q8_0 "
+            f"{times(dec['int8_compiled_vs_llamacpp_q8_0'])} |")
     for batch in (1, 32):
         b = smol[f"batch_{batch}"]
         rows.append(f"| SmolLM2-135M shape, batch {batch}, in-process engine | {num(b['fp32_tok_s'], 1)} tok/s | "
@@ -482,7 +489,9 @@ def readme_int8(d: dict[str, Any]) -> str:
     if "loss_fp32" in q:
         rows.append(f"| held-out loss, {q['model']} trained {q['train_steps']} steps on Tiny Shakespeare | "
                     f"{q['loss_fp32']:.4f} | {q['loss_int8']:.4f} | perplexity ×{q['perplexity_ratio']:.4f} |")
-    return (f"`{d['command']}` (2 torch threads; load average {load_b} before, {load_a} after, on 2 cores: "
+    plural = "s" if threads > 1 else ""
+    return (f"`{d['command']}` ({threads} torch thread{plural}; load average {load_b} before, {load_a} after, "
+            f"on 2 cores: "
             f"single figures swing, ratios within the run are the result; every figure from {src}):\n\n"
             + "\n".join(rows) + "\n")
 

@@ -245,6 +245,24 @@ def test_engine_with_static_decode_and_batched_prefill_matches_the_plain_engine(
         fast.stop()
 
 
+def test_compiled_decode_step_serves_the_plain_engines_tokens(tmp_path) -> None:
+    """`--compile`: the static step compiled by torch.compile (C++ on CPU), batch 1 and batched, warmed up at
+    load; greedy outputs equal the uncompiled engine's, alone and batched, and it did not fall back to eager."""
+    path = make_tiny_checkpoint(tmp_path / "ck", tie_embeddings=False, n_head=4, n_kv_head=2)
+    tok = load_checkpoint(path).tokenizer
+    prompts = [tok.encode(t) for t in ("The quick brown fox", "To be, or not", "a single step. " * 3, "x")]
+    plain = Engine(load_checkpoint(path), max_running=4, prefill_chunk=64).start()
+    fast = Engine(load_checkpoint(path), max_running=4, prefill_chunk=64, compile_decode=True).start()
+    try:
+        solo = [_greedy_run(plain, [p], 12)[0] for p in prompts]
+        assert [_greedy_run(fast, [p], 12)[0] for p in prompts] == solo
+        assert _greedy_run(fast, prompts, 12) == solo
+        assert fast.runner.graphs is not None and fast.runner.graphs._compiled is not None
+    finally:
+        plain.stop()
+        fast.stop()
+
+
 def test_prefill_plan_cuts_on_the_granule_grid_within_the_budget() -> None:
     def seq(n: int, prefilled: int = 0) -> SimpleNamespace:
         return SimpleNamespace(request=SimpleNamespace(prompt_ids=list(range(n))), prefilled=prefilled,

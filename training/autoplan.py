@@ -18,7 +18,7 @@ from pocketgpt.model.config import ModelConfig
 from pocketgpt.model.gpt import GPT
 from pocketgpt.training.config import TrainConfig, validate_config
 from pocketgpt.training.distributed import DistContext, pick_device
-from pocketgpt.training.optim import make_optimizer
+from pocketgpt.training.optim import OptimizerName, make_optimizer
 from pocketgpt.training.planner import (
     PLANNED_FIELDS,
     PlanInputs,
@@ -54,7 +54,8 @@ def survey(data: list[str], budget_s: float | None, device: str) -> PlanInputs:
                       cjk_vocab=cjk_vocab_for(sample) if script == "cjk" else None)
 
 
-def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float, limit: float | None = None) -> float:
+def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float, limit: float | None = None,
+                optimizer: OptimizerName = "adamw") -> float:
     """Training tokens/s of `shape` on random tokens: one untimed step, then steps for about `seconds`.
 
     The first step also allocates and is slower, so at least one more step is timed unless the first alone
@@ -68,7 +69,7 @@ def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float, 
     state = torch.get_rng_state()
     model = GPT(cfg).to(device).train()
     torch.set_rng_state(state)
-    opt = make_optimizer(model, 1e-3, 0.1, device.type)
+    opt = make_optimizer(model, 1e-3, 0.1, device.type, optimizer)
     data = torch.randint(vocab, (shape.batch_size, shape.block_size + 1), generator=gen).to(device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -102,7 +103,8 @@ def probe_shape(shape: Shape, vocab: int, device: torch.device, seconds: float, 
     return n * tokens / (time.perf_counter() - t0)
 
 
-def probe(inputs: PlanInputs, vocab: int, device: torch.device, log: Callable[[str], None]) -> dict[str, float]:
+def probe(inputs: PlanInputs, vocab: int, device: torch.device, log: Callable[[str], None],
+          optimizer: OptimizerName = "adamw") -> dict[str, float]:
     """Tokens/s of the first-guess shape and its neighbours on the ladder, smallest first, within an allowance."""
     import time
 
@@ -120,7 +122,7 @@ def probe(inputs: PlanInputs, vocab: int, device: torch.device, log: Callable[[s
                 break
         # with the head it will train with: a CJK vocabulary before the width cap made the probe 2x too slow
         head = capped_vocab(inputs.script, vocab, shape.n_embd)
-        measured[shape.key] = probe_shape(shape, head, device, max(0.2, left / 3), limit=left)
+        measured[shape.key] = probe_shape(shape, head, device, max(0.2, left / 3), limit=left, optimizer=optimizer)
         log(f"probe: {shape.key} (context {shape.block_size}) trains at {measured[shape.key]:,.0f} tok/s")
     return measured
 
@@ -147,7 +149,7 @@ def plan_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) -> 
     if ctx.is_main:
         inputs = survey(cfg.data, cfg.max_time, device.type)
         vocab = vocab_for(inputs)[0]
-        measured = probe(inputs, vocab, device, log)
+        measured = probe(inputs, vocab, device, log, cfg.optimizer)
         tps = estimate_tokens_per_s(ladder(inputs.device), vocab, measured, inputs.script)
         plan = make_plan(inputs, tps, probe_note="probe:")
         given = {k: getattr(cfg, k) for k in cfg.model_fields_set if k in PLANNED_FIELDS}

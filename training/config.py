@@ -66,7 +66,11 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, ge=0, description="peak learning rate")
     min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
     warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weight matrices only)")
+    weight_decay: float = Field(0.1, ge=0, description="weight decay (2-D weight matrices only)")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw, or muon: Muon for the transformer blocks' weight matrices and AdamW for the "
+        "rest, at the same learning rate (Moonshot's RMS matching)",
+    )
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: off)")
     seed: int = Field(1337, description="seed of model init, data sampling and dropout")
     # -- LoRA (fine-tuning only) -------------------------------------------------------------------

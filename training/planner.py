@@ -2,14 +2,14 @@
 
 Rules, in order (training.autoplan measures what they need and applies the result):
 1. Script, from character classes of a sample: CJK (Han, kana, hangul), code (symbol-dense lines) or Latin.
-2. Vocabulary, from the corpus size: about one token type per kilobyte of text (1 MB -> 1,024), a power of
+2. Vocabulary, from the corpus size: about eight token types per kilobyte of text (1 MB -> 8,192), a power of
    two from 512 to 8,192; for CJK, enough types to hold the characters that make up 99% of the text as whole
    tokens (a character model's alphabet), because byte pieces of a character teach the model little.
 3. Shape: the largest candidate of the device's ladder that still sees `TOKENS_PER_PARAM` (0.5) training tokens per
    non-embedding parameter in the budget, at the throughput measured by a short probe on this machine (shapes
    not probed are estimated from the probed ones' FLOP rates). Short budgets and slow machines get small models.
-4. Vocabulary capped by width (at most 16 types per dimension, 32 for CJK): a wide table on a narrow model is
-   mostly untrained rows that cost head compute; whole CJK characters are worth more (see TYPES_PER_DIM).
+4. Vocabulary capped by width (at most 64 types per dimension, 32 for CJK): a wide table on a narrow model is
+   mostly untrained rows that cost head compute (see TYPES_PER_DIM for what was measured).
 5. Learning rate: 1.5e-3 at width 128 on a CPU (3e-3 on a GPU), scaled by 1/sqrt(width/128), to min_lr = lr/10.
    Dropout 0 unless the budget passes over the data more than `DROPOUT_EPOCHS` times (then 0.1): short runs do
    not overfit. Evaluation batches: 8 for budgets under ~10 minutes (the final evaluation is paid for inside the
@@ -88,8 +88,12 @@ ASSUMED_FLOPS = {"cpu": 3e10, "cuda": 1e14, "mps": 1e12}  # before the probe: wh
 BASE_LR = {"cpu": 1.5e-3, "mps": 1.5e-3, "cuda": 3e-3}
 # Vocabulary per dimension of width (rule 4). CJK: whole characters (4,096 types at width 128) scored better than
 # 1,024 or 2,048 types on Tang poems at 130 s once each run had a core to itself (budget-trials 16, 13, 11).
+# Latin: on Tiny Shakespeare 8,192 types beat 4,096 and 1,024 at 60, 130 and 600 s, at widths 128 and 192, on an
+# idle machine (budget-trials 20-24: 600 s 2.30 / 2.40 / 2.43 bits per byte): the held-out tail's names and
+# words are better served by whole-word tokens than the head's extra compute costs. Rule 2's 8 per kB is what
+# a 1 MB corpus needs for that; 64 per dimension lets width 128 have it.
 TYPES_PER_DIM = {"cjk": 32}
-DEFAULT_TYPES_PER_DIM = 16
+DEFAULT_TYPES_PER_DIM = 64
 
 
 @dataclass
@@ -140,8 +144,8 @@ def vocab_for(inputs: PlanInputs) -> tuple[int, str]:
     if inputs.script == "cjk" and inputs.cjk_vocab:
         v = int(min(8192, max(1024, 256 * math.ceil(inputs.cjk_vocab / 256))))
         return v, f"CJK: {inputs.cjk_vocab - 320:,} characters make 99% of the text -> whole-character tokens"
-    v = _pow2(inputs.corpus_bytes / 1000, 512, 8192)
-    return v, f"corpus {mb:.1f} MB of {inputs.script} -> about a token type per kB"
+    v = _pow2(8 * inputs.corpus_bytes / 1000, 512, 8192)
+    return v, f"corpus {mb:.1f} MB of {inputs.script} -> about 8 token types per kB"
 
 
 def capped_vocab(script: str, vocab: int, n_embd: int) -> int:

@@ -30,7 +30,7 @@ from pocketgpt.training.data import PreparedData, load_prepared, prepare_data
 from pocketgpt.training.distributed import DistContext, main_then_others, pick_device, wrap_model
 from pocketgpt.training.errors import UserError
 from pocketgpt.training.lora import LoraSpec, attach, restore
-from pocketgpt.training.optim import make_optimizer
+from pocketgpt.training.optim import MuonAdamW, make_optimizer
 from pocketgpt.training.sampler import WindowSampler
 from pocketgpt.training.sft_data import SFTData, prepare_sft
 from pocketgpt.training.sft_sampler import SFTSampler
@@ -43,7 +43,7 @@ class Run:
     data: PreparedData | SFTData
     model: GPT  # the plain module: evaluation, generation and checkpoints use it
     train_model: nn.Module  # what the training step calls: `model`, wrapped in DDP and/or compiled
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.AdamW | MuonAdamW
     sampler: WindowSampler | SFTSampler
     tokens_per_row: int  # tokens in one batch row: block_size, or the mean example length for sft
     chat_template: ChatTemplate | JinjaChatTemplate | None = None  # saved with every checkpoint of the run
@@ -139,7 +139,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext, log: Callable[[str], None]) ->
         tokens_per_row, template = mcfg.block_size, ckpt.chat_template if ckpt else None
     run = Run(
         device=device, data=data, model=model, train_model=model,
-        optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, device.type),
+        optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, device.type, cfg.optimizer),
         sampler=sampler, tokens_per_row=tokens_per_row, chat_template=template, lora=spec,
     )
     run.preset = _preset_name(cfg, ckpt)

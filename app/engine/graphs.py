@@ -10,6 +10,13 @@ this step compute a throwaway token at position `max_len - 1`: a key nobody atte
 Graphs are captured lazily, the first time a bucket is needed. `use_graphs=False` runs the same static step
 eagerly (on any device): tests use it on CPU to check the bucketing and padding against `forward_cached`.
 If capturing fails, the decoder logs why and runs eagerly from then on.
+
+On a CPU there are no graphs to replay, but the same static step can be compiled (`compiled=True`, the
+server's `--compile`): torch.compile's C++ backend fuses the norms, RoPE and residual arithmetic between the
+matrix products and, with its C++ wrapper, calls the kernels without Python in between. Rows and length are
+dynamic, so one compilation serves every length bucket; batch 1 gets its own (a size of 1 is specialised).
+`warm_up()` pays for both before the first request. Compilation needs a C++ compiler; if it fails the decoder
+logs why and runs eagerly.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 
 import torch
 
+from pocketgpt.model.fastpath import FlatForward
 from pocketgpt.model.gpt import GPT
 from pocketgpt.model.kv_cache import KVCache, StaticBatch
 
@@ -36,7 +44,7 @@ def buckets_for(limit: int, candidates: tuple[int, ...]) -> list[int]:
 class GraphDecoder:
     """Batched decode over `cache` with static shapes; `step()` has the contract of `forward_cached` for C=1."""
 
-    def __init__(self, model: GPT, cache: KVCache, use_graphs: bool = True) -> None:
+    def __init__(self, model: GPT, cache: KVCache, use_graphs: bool = True, compiled: bool = False) -> None:
         if cache.max_len > model.config.block_size:
             raise ValueError("the cache must not be longer than the context (padding rows use position max_len - 1)")
         self.model, self.cache = model, cache
@@ -49,6 +57,14 @@ class GraphDecoder:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.captures = 0
+        self._compiled = None
+        if compiled and not self.use_graphs:
+            # Its own flat forward with plain F.linear throughout: inductor picks the kernels for the products
+            # (oneDNN's private op, which FlatForward sends multi-row products to, has no dynamic-shape lowering).
+            self._flat = FlatForward(model, onednn=False)
+            # Per-call inductor options, not its global config: a process may compile other things its own way.
+            self._compiled = torch.compile(self._static, dynamic=True, fullgraph=True,
+                                           options={"cpp_wrapper": True, "freezing": True})
 
     def shape_for(self, slots: list[int], positions: list[int]) -> tuple[int, int]:
         """(rows, attended length) buckets for a step decoding `slots` at `positions`."""
@@ -74,11 +90,29 @@ class GraphDecoder:
         index = torch.tensor(slots, device=self.device)
         return logits.index_select(0, index)
 
+    def warm_up(self) -> None:
+        """Compile (or capture) the batch-1 and batch-2 steps now rather than in the first requests."""
+        for rows in sorted({1, min(2, self.row_buckets[-1])}):
+            if rows <= self.cache.n_slots:
+                self.step(list(range(rows)), [0] * rows, [0] * rows)
+
     def _eager(self, rows: int, length: int) -> torch.Tensor:
         batch = StaticBatch(self.cache, self.positions[:rows], length)
         return self.model.forward_batch(self.tokens[:rows], batch)
 
+    def _static(self, rows: int, length: int) -> torch.Tensor:
+        """The step, outside forward_batch's inference mode (inference tensors cannot be traced)."""
+        with torch.inference_mode(False), torch.no_grad():
+            batch = StaticBatch(self.cache, self.positions[:rows], length)
+            return self._flat.logits(self._flat.hidden(self.tokens[:rows], batch)[:, -1])
+
     def _run(self, rows: int, length: int) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                return self._compiled(rows, length)
+            except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...: eager from now on
+                log.warning("compiling the decode step failed, decoding eagerly: %s", exc)
+                self._compiled = None
         if not self.use_graphs:
             return self._eager(rows, length)
         key = (rows, length)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_threads(threads: int | None, device: torch.device) -> int:
+    """Intra-op threads for the model: as given, else on a CPU one per core the process may use less one.
+
+    The spare core is the event loop's: it streams every token, and when it preempts one of the model's
+    threads mid-operation the whole step waits for that thread's next time slice. Measured on 2 cores
+    (`python -m bench.int8`, docs/benchmarks/int8.json): 1 thread decoded about 2x faster than 2.
+    """
+    if threads is not None:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1) if device.type == "cpu" else torch.get_num_threads()
+
+
 def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = None, **engine_kwargs: Any) -> Engine:
     """Load a checkpoint onto the configured device (quantized as configured) and start its decode thread.
 
@@ -44,6 +58,7 @@ def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = 
     """
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    torch.set_num_threads(resolve_threads(settings.threads, device))  # the process's pool, before any work
     checkpoint = load_checkpoint(path, device=device, dtype=dtype)
     apply_quantization(checkpoint.model, settings.quantize)  # in place, before the runner prepares the model
     kwargs: dict[str, Any] = {
@@ -52,6 +67,7 @@ def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = 
         "prefill_chunk": settings.prefill_chunk,
         "prefix_cache_slots": settings.prefix_cache_slots,
         "spec_tokens": settings.speculative_tokens,
+        "compile_decode": settings.compile,
         "name": settings.model_name,
         "metrics": metrics,
         **engine_kwargs,

@@ -34,18 +34,21 @@ class Runner:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, n_slots: int,
-                 decode_graphs: bool | None = None, prefix_blocks: int = 0, prefix_block: int = 16) -> None:
+                 decode_graphs: bool | None = None, prefix_blocks: int = 0, prefix_block: int = 16,
+                 compile_decode: bool = False) -> None:
         self.model = model.prepare_inference()  # the flat fast path (and [in, out] weights on CPU)
         self.tokenizer = tokenizer
         self.config = model.config
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache.for_model(self.model, n_slots=n_slots)
-        # Decode steps from CUDA graphs on a GPU (default); on a CPU the same static step runs eagerly when asked
-        # for (tests), though the dynamic path is faster there.
+        # Decode steps from CUDA graphs on a GPU (default); on a CPU the same static step, compiled when asked
+        # for (`compile_decode`), or run eagerly (tests), though the dynamic path is faster there uncompiled.
         if decode_graphs is None:
-            decode_graphs = self.device.type == "cuda"
-        self.graphs = GraphDecoder(self.model, self.cache) if decode_graphs else None
+            decode_graphs = self.device.type == "cuda" or compile_decode
+        self.graphs = GraphDecoder(self.model, self.cache, compiled=compile_decode) if decode_graphs else None
+        if compile_decode and self.graphs is not None:
+            self.graphs.warm_up()
         self.pool = BlockPool(self.cache, prefix_blocks, prefix_block) if prefix_blocks > 0 else None
         self._text_vocab = tokenizer.vocab_size  # ids beyond it (a padded embedding) are never sampled
         vocab = self.config.vocab_size
