@@ -78,9 +78,10 @@ def markdown_section(results: dict[str, Any], json_rel: str) -> list[str]:
                          f"{prev['bpb']:.3f}, {'met' if r['bpb'] <= prev['bpb'] else 'missed'}")
     lines += ["", "Left out: a single run per row (no medians yet); the nanoGPT loop's data preparation is free "
               "(a character table), the trainer's is counted in its budget; the nanoGPT loop stops at nanoGPT's "
-              "2,000 iterations (its steps column), which can come before the end of a long budget. The 600 s "
-              "plans (a wider model; on Shakespeare also dropout, from the passes-over-the-data rule) were not "
-              "tried against alternatives: each such trial costs ten minutes.", ""]
+              "2,000 iterations (its steps column), which can come before the end of a long budget. Each 600 s "
+              "trial costs ten minutes, so few were run: on Shakespeare the vocabulary (trials 20, 22), dropout "
+              "at one vocabulary (22); not the width, context or batch at that budget. The budget rows run one "
+              "thread each, two at a time; a user's run gets every core.", ""]
     lines += trials_section(Path(json_rel).parent)
     return [*lines, END]
 

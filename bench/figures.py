@@ -459,8 +459,8 @@ def readme_int8(d: dict[str, Any]) -> str:
     src = "[docs/benchmarks/int8.json](docs/benchmarks/int8.json)"
     lc = dec.get("llamacpp")
     if lc is None:
-        llama = (f"llama.cpp (llama-cpp-python, 2 threads, same weights as GGUF): f32 {num(dec['llamacpp_f32_tok_s'])}"
-                 f", q8_0 {num(dec['llamacpp_q8_0_tok_s'])} tok/s")
+        llama = (f"llama.cpp (llama-cpp-python, a thread per core, same weights as GGUF): f32 "
+                 f"{num(dec['llamacpp_f32_tok_s'])}, q8_0 {num(dec['llamacpp_q8_0_tok_s'])} tok/s")
     else:
         llama = (f"llama.cpp, {lc['note']}: f32 {num(lc['llamacpp_f32_tok_s'])}, q8_0 "
                  f"{num(lc['llamacpp_q8_0_tok_s'])} tok/s")
@@ -476,6 +476,10 @@ def readme_int8(d: dict[str, Any]) -> str:
         f"{num(dec['transformers_tok_s'])} tok/s; {llama}; fp32 / llama.cpp f32 "
         f"{times(dec['fp32_vs_llamacpp_f32'])}, int8 / q8_0 {times(dec['int8_vs_llamacpp_q8_0'])} |",
     ]
+    if "pocketgpt_fp32_all_cores_tok_s" in dec:
+        rows.append(f"| the same, fp32, {dec['all_cores']} model threads (one per core) | "
+                    f"{num(dec['pocketgpt_fp32_all_cores_tok_s'])} tok/s | | the default "
+                    f"{times(dec['threads_vs_all_cores_fp32'])} this |")
     if "pocketgpt_fp32_compiled_tok_s" in dec:
         rows.append(
             f"| the same with `--compile` | {num(dec['pocketgpt_fp32_compiled_tok_s'])} tok/s "

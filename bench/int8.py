@@ -9,7 +9,7 @@
    thread per core on the same weights exported with `export --format gguf` as f32 and q8_0. 16-token prompt,
    `--new-tokens` greedy tokens, medians of `--rounds`; each side alone in its own process, one after the
    other. pocketgpt and transformers run `--threads` model threads (default: what the server picks, the
-   cores less one: the engine's event loop needs the other).
+   cores less one: the engine's event loop needs the other); `pocketgpt_fp32_all_cores` runs one per core.
 2. The SmolLM2-135M-shaped model (bench.gqa builds it): engine tokens/s at batch 1 and 32, fp32 against int8.
 3. Quality: a small model trained `--train-steps` steps on Tiny Shakespeare; mean loss on the held-out tail,
    fp32 against int8, and the perplexity ratio exp(loss_int8 - loss_fp32).
@@ -114,8 +114,8 @@ def hf_runner(path: Path, work: Path, n: int):
     return run
 
 
-DECODE_SIDES = ("pocketgpt_fp32", "pocketgpt_fp32_compiled", "pocketgpt_int8", "pocketgpt_int8_compiled",
-                "transformers", "llamacpp_f32", "llamacpp_q8_0")
+DECODE_SIDES = ("pocketgpt_fp32", "pocketgpt_fp32_all_cores", "pocketgpt_fp32_compiled", "pocketgpt_int8",
+                "pocketgpt_int8_compiled", "transformers", "llamacpp_f32", "llamacpp_q8_0")
 
 
 def side_runner(side: str, work: Path, n: int):
@@ -157,8 +157,9 @@ def decode_section(work: Path, rounds: int, n: int, threads: int) -> dict[str, A
         export(path, "gguf", work / f"m.{outtype}.gguf", outtype)
     times: dict[str, list[float]] = {}
     for side in sides:
+        side_threads = len(os.sched_getaffinity(0)) if side.endswith("_all_cores") else threads
         cmd = [sys.executable, "-m", "bench.int8", "--side", side, "--work", str(work), "--rounds", str(rounds),
-               "--new-tokens", str(n), "--threads", str(threads)]
+               "--new-tokens", str(n), "--threads", str(side_threads)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if done.returncode != 0:
@@ -176,6 +177,8 @@ def decode_section(work: Path, rounds: int, n: int, threads: int) -> dict[str, A
             out[name] = round(out[f"pocketgpt_{kind}{variant}_tok_s"] / base, 3)
     out["int8_vs_fp32"] = round(out["pocketgpt_int8_tok_s"] / out["pocketgpt_fp32_tok_s"], 3)
     out["compiled_vs_eager_fp32"] = round(out["pocketgpt_fp32_compiled_tok_s"] / out["pocketgpt_fp32_tok_s"], 3)
+    out["threads_vs_all_cores_fp32"] = round(out["pocketgpt_fp32_tok_s"] / out["pocketgpt_fp32_all_cores_tok_s"], 3)
+    out["all_cores"] = len(os.sched_getaffinity(0))
     return out
 
 

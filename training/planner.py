@@ -87,11 +87,12 @@ ASSUMED_FLOPS = {"cpu": 3e10, "cuda": 1e14, "mps": 1e12}  # before the probe: wh
 # 17, 11, 13; then 18 with batch 8); the GPU ladder (bigger batches) keeps 3e-3, not measured.
 BASE_LR = {"cpu": 1.5e-3, "mps": 1.5e-3, "cuda": 3e-3}
 # Vocabulary per dimension of width (rule 4). CJK: whole characters (4,096 types at width 128) scored better than
-# 1,024 or 2,048 types on Tang poems at 130 s once each run had a core to itself (budget-trials 16, 13, 11).
-# Latin: on Tiny Shakespeare 8,192 types beat 4,096 and 1,024 at 60, 130 and 600 s, at widths 128 and 192, on an
-# idle machine (budget-trials 20-24: 600 s 2.30 / 2.40 / 2.43 bits per byte): the held-out tail's names and
-# words are better served by whole-word tokens than the head's extra compute costs. Rule 2's 8 per kB is what
-# a 1 MB corpus needs for that; 64 per dimension lets width 128 have it.
+# 1,024 or 2,048 types on Tang poems at 130 s once each run had a core to itself (budget-trials 16, 13, 11), and
+# better than 8,192 (trials 20, 23: 2.52 against 2.63 bits per byte). Latin: on Tiny Shakespeare 8,192 types beat
+# 4,096 and 1,024 at 60, 130 and 600 s, at widths 128 and 192, on an idle machine (trials 20, 22: at 600 s 2.30,
+# 2.40 and 2.43 bits per byte), although the bigger head costs steps; why is not measured (fewer tokens per byte,
+# whole words for the held-out tail's names). Rule 2's 8 per kB gives a 1 MB corpus that; 64 per dimension lets
+# width 128 have it.
 TYPES_PER_DIM = {"cjk": 32}
 DEFAULT_TYPES_PER_DIM = 64
 

@@ -27,8 +27,6 @@ from typing import Any
 import torch
 
 from pocketgpt.model.checkpoint import save_checkpoint
-from pocketgpt.model.generate import generate
-from pocketgpt.model.sampling import SamplingParams
 from pocketgpt.training import lora
 from pocketgpt.training.config import TrainConfig
 from pocketgpt.training.distributed import DistContext, any_true, grad_sync, max_over_ranks, mean_over_ranks
@@ -36,19 +34,10 @@ from pocketgpt.training.interrupt import Interrupted
 from pocketgpt.training.metrics import METRICS_FILENAME, SFT_SCORES, MetricsWriter
 from pocketgpt.training.progress import Progress
 from pocketgpt.training.run import Run, build_run
-from pocketgpt.training.sampler import eval_windows, windows_at
 from pocketgpt.training.schedule import TimeBudget
 from pocketgpt.training.state import capture_rng
 from pocketgpt.training.timebudget import MAX_RESERVE_SHARE, estimate_reserve, lr_for, start_budget
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    ppl: float
-    bpb: float | None
-    sample: str
-    scores: dict[str, Any] | None = None  # task sft: exact match, BLEU and ROUGE of held-out answers
+from pocketgpt.training.validation import EvalResult, validate
 
 
 @dataclass
@@ -276,45 +265,9 @@ class Trainer:
         return f"; LoRA r={spec.r} alpha={spec.alpha:g} on {','.join(spec.targets)}: {trainable:,} trainable"
 
     # -- evaluation and checkpoints (rank 0) ---------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> EvalResult:
-        """Mean loss over fixed, evenly spread validation windows; bits per byte from the split's counts."""
-        if self.cfg.task == "sft":
-            return self._evaluate_sft()
-        r, cfg = self.run_state, self.cfg
-        model, T = r.model, r.model.config.block_size
-        model.eval()
-        starts = eval_windows(r.data.val, T, cfg.eval_batches * cfg.batch_size)
-        total = 0.0
-        for i in range(0, len(starts), cfg.batch_size):
-            x, y = windows_at(r.data.val, starts[i : i + cfg.batch_size], T)
-            with self._autocast():
-                _, loss = model(x.to(r.device), y.to(r.device))
-            total += float(loss) * len(x)
-        loss = total / len(starts)
-        sample = self._sample()
-        model.train()
-        bpb = loss / (math.log(2) * r.data.val_bytes_per_token)
-        return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, sample=sample)
-
-    def _evaluate_sft(self) -> EvalResult:
-        from pocketgpt.training.sft_eval import evaluate_sft
-
-        r = self.run_state
-        ev = evaluate_sft(r.model, r.tokenizer, r.data.val, self.cfg.batch_size, r.device, self._autocast)
-        r.model.train()
-        return EvalResult(loss=ev.loss, ppl=math.exp(min(ev.loss, 700.0)), bpb=ev.bpb, sample=ev.sample,
-                          scores=ev.scores)
-
-    def _sample(self) -> str:
-        r = self.run_state
-        T = r.model.config.block_size
-        prompt = [int(t) for t in r.data.val[: min(16, T // 2)]]
-        n_new = min(self.cfg.sample_tokens, T - len(prompt))
-        if n_new <= 0 or not prompt:
-            return ""
-        out = generate(r.model, prompt, n_new, params=SamplingParams(temperature=0.0))
-        return r.tokenizer.decode(prompt + out)
+        """The validation loss, perplexity, bits per byte and greedy sample of the model as it is now."""
+        return validate(self.run_state, self.cfg, self._autocast)
 
     def _evaluate_and_save(self, step: int, loss: torch.Tensor | None) -> bool:
         """Evaluate, save best (if it is) and last; returns whether the target loss is reached."""
