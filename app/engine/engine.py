@@ -68,8 +68,7 @@ class Engine:
         # The prefix cache's pool, sized in slots' worth of tokens: it shares the slots' memory budget.
         prefix_blocks = int(prefix_cache_slots * checkpoint.config.block_size) // prefix_block
         self.runner = runner(checkpoint.model, checkpoint.tokenizer, max_running, decode_graphs=decode_graphs,
-                             prefix_blocks=prefix_blocks, prefix_block=prefix_block,
-                             **({"compile_decode": True} if compile_decode else {}))
+                             prefix_blocks=prefix_blocks, prefix_block=prefix_block, compile_decode=compile_decode)
         self.tokenizer = checkpoint.tokenizer
         self.grammars = GrammarCache(self.tokenizer)  # structured output's compiled grammars (llguidance, lazily)
         self.config = checkpoint.config

@@ -92,9 +92,8 @@ class GraphDecoder:
 
     def warm_up(self) -> None:
         """Compile (or capture) the batch-1 and batch-2 steps now rather than in the first requests."""
-        for rows in sorted({1, min(2, self.row_buckets[-1])}):
-            if rows <= self.cache.n_slots:
-                self.step(list(range(rows)), [0] * rows, [0] * rows)
+        for rows in range(1, min(2, self.cache.n_slots) + 1):
+            self.step(list(range(rows)), [0] * rows, [0] * rows)
 
     def _eager(self, rows: int, length: int) -> torch.Tensor:
         batch = StaticBatch(self.cache, self.positions[:rows], length)

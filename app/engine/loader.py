@@ -42,7 +42,8 @@ def resolve_threads(threads: int | None, device: torch.device) -> int:
 
     The spare core is the event loop's: it streams every token, and when it preempts one of the model's
     threads mid-operation the whole step waits for that thread's next time slice. Measured on 2 cores
-    (`python -m bench.int8`, docs/benchmarks/int8.json): 1 thread decoded about 2x faster than 2.
+    (`python -m bench.int8`, docs/benchmarks/int8.json, `threads_vs_all_cores_fp32`): 1 thread decoded one
+    stream faster than 2.
     """
     if threads is not None:
         return threads
