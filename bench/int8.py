@@ -38,7 +38,7 @@ from bench.common import ROOT, SHAKESPEARE, bench_tokenizer, machine_info, write
 from bench.gqa import build as build_smollm2
 from bench.gqa import engine_run
 from pocketgpt.app.engine.engine import Engine
-from pocketgpt.app.engine.loader import resolve_threads
+from pocketgpt.app.engine.loader import available_cores, resolve_threads
 from pocketgpt.model.checkpoint import load_checkpoint, save_checkpoint
 from pocketgpt.model.config import ModelConfig
 from pocketgpt.model.gpt import GPT
@@ -80,7 +80,7 @@ def llamacpp_runner(gguf: Path, n: int, repack: bool = True):
         return p
 
     with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params):
-        cores = len(os.sched_getaffinity(0))
+        cores = available_cores()
         llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=cores, n_threads_batch=cores, verbose=False)
     prompt = list(range(100, 100 + PROMPT_LEN))
 
@@ -157,7 +157,7 @@ def decode_section(work: Path, rounds: int, n: int, threads: int) -> dict[str, A
         export(path, "gguf", work / f"m.{outtype}.gguf", outtype)
     times: dict[str, list[float]] = {}
     for side in sides:
-        side_threads = len(os.sched_getaffinity(0)) if side.endswith("_all_cores") else threads
+        side_threads = available_cores() if side.endswith("_all_cores") else threads
         cmd = [sys.executable, "-m", "bench.int8", "--side", side, "--work", str(work), "--rounds", str(rounds),
                "--new-tokens", str(n), "--threads", str(side_threads)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -178,7 +178,7 @@ def decode_section(work: Path, rounds: int, n: int, threads: int) -> dict[str, A
     out["int8_vs_fp32"] = round(out["pocketgpt_int8_tok_s"] / out["pocketgpt_fp32_tok_s"], 3)
     out["compiled_vs_eager_fp32"] = round(out["pocketgpt_fp32_compiled_tok_s"] / out["pocketgpt_fp32_tok_s"], 3)
     out["threads_vs_all_cores_fp32"] = round(out["pocketgpt_fp32_tok_s"] / out["pocketgpt_fp32_all_cores_tok_s"], 3)
-    out["all_cores"] = len(os.sched_getaffinity(0))
+    out["all_cores"] = available_cores()
     return out
 
 

@@ -37,6 +37,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_threads(threads: int | None, device: torch.device) -> int:
     """Intra-op threads for the model: as given, else on a CPU one per core the process may use less one.
 
@@ -47,8 +52,7 @@ def resolve_threads(threads: int | None, device: torch.device) -> int:
     """
     if threads is not None:
         return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1) if device.type == "cpu" else torch.get_num_threads()
+    return max(1, available_cores() - 1) if device.type == "cpu" else torch.get_num_threads()
 
 
 def load_engine(path: str | Path, settings: Settings, metrics: Metrics | None = None, **engine_kwargs: Any) -> Engine:
