@@ -35,6 +35,13 @@ def test_drafter_copies_what_followed_the_latest_earlier_occurrence() -> None:
     assert NgramDrafter([5, 6, 7, 8], k_max=3, k_start=3).propose(10) == []  # no repeat, no draft
 
 
+def test_drafter_runs_a_loop_on_past_the_end_of_the_history() -> None:
+    # "2 3" last came just before the final "1": the copy runs on into itself, the loop's next k tokens.
+    assert NgramDrafter([1, 2, 3, 1, 2, 3, 1, 2, 3], k_max=5, k_start=5).propose(10) == [1, 2, 3, 1, 2]
+    assert NgramDrafter([7, 7, 7, 7], k_max=4, k_start=4).propose(10) == [7, 7, 7, 7]  # period one
+    assert NgramDrafter([4, 9, 9, 9], k_max=4, k_start=4).propose(3) == [9, 9, 9]  # and never past the limit
+
+
 def test_drafter_adapts_and_pauses_when_drafts_stop_paying() -> None:
     d = NgramDrafter([1, 2, 1, 2, 1, 2], k_max=4, patience=2, k_start=4)
     d.adapt(4, 1)

@@ -237,8 +237,8 @@ class Engine:
             elif item[0] == "cancel":
                 seq = self.scheduler.find(item[1])
                 if seq is not None:
+                    self.output.count_finish("cancelled")  # before the slot frees: a watcher sees both or neither
                     self.scheduler.remove(seq)
-                    self.output.count_finish("cancelled")
             else:
                 self._stopping = True
 

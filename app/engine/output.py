@@ -81,15 +81,15 @@ class Output:
 
     def _retire(self, seq: Sequence, reason: FinishReason, stop: str | None, now: float) -> None:
         self.finished.append((seq, seq.slot))
+        self.count_finish(reason)  # counted before the slot frees, so the metrics never show it free but uncounted
         self.scheduler.remove(seq)
-        self.count_finish(reason)
         self._emit(seq, DoneEvent(reason, stop, len(seq.request.prompt_ids), seq.generated, now, seq.cached,
                                   seq.ticket.choice))
 
     def fail(self, seq: Sequence, status: int, message: str, code: str) -> None:
         """End `seq` with an error event and free its slot."""
-        self.scheduler.remove(seq)
         self.count_finish(code)
+        self.scheduler.remove(seq)
         self._emit(seq, ErrorEvent(status, message, code, seq.ticket.choice))
 
     def count_finish(self, reason: str) -> None:

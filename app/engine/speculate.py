@@ -2,7 +2,8 @@
 
 Text often repeats itself: code reuses names and lines, a summary quotes its source. So the next few tokens
 are drafted by finding the most recent earlier occurrence of the last `n` tokens (n from `n_max` down to
-`n_min`) in the request's own context (prompt and output so far) and copying what followed it. The runner
+`n_min`) in the request's own context (prompt and output so far) and copying what followed it (on into the
+copy itself where the context ends, so a repeating loop is drafted k tokens ahead). The runner
 checks a whole draft with one forward over its positions (`verify.py`: draft tokens are kept while they equal
 what the request's own sampler draws, which leaves outputs exactly as without drafting), and a step yields up
 to k + 1 tokens for little more than the cost of one where a step is memory-bound.
@@ -55,8 +56,17 @@ class NgramDrafter:
         for n in range(min(self.n_max, len(h) - 1), self.n_min - 1, -1):
             start = self._index.get(tuple(h[-n:]))
             if start is not None:
-                return h[start : start + k]
+                return self._copy(start, k)
         return []
+
+    def _copy(self, start: int, k: int) -> list[int]:
+        """k tokens copied from `start` on, running on into the copy itself where the history ends (as an
+        LZ77 match may overlap its output): a loop of period p, whose latest earlier occurrence is only p
+        tokens back, is drafted k tokens ahead rather than p (a small model's greedy output often loops)."""
+        h, draft = self.history, []
+        for i in range(start, start + k):
+            draft.append(h[i] if i < len(h) else draft[i - len(h)])
+        return draft
 
     def adapt(self, drafted: int, accepted: int) -> None:
         """Record how a draft of `drafted` tokens fared."""
