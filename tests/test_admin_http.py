@@ -155,6 +155,7 @@ def test_failing_trainer_ends_failed_and_the_server_is_unaffected(server) -> Non
     assert client.post(f"/admin/jobs/{job['id']}/cancel", headers=ADMIN).status_code == 409
 
 
+@pytest.mark.slow  # three trainer processes in turn (~35 s); cancel and resume each have faster tests
 def test_cancel_then_restart_then_resume_continues_the_count(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, make_tiny_checkpoint(tmp_path / "base"))
     with running_server(make_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:

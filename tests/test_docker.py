@@ -431,6 +431,7 @@ def test_entrypoint_passes_a_stop_signal_to_the_starter_trainer(
     assert "starting the server" not in log
 
 
+@pytest.mark.slow  # trains the starter twice (~25 s); the bootstrap test covers the entrypoint's first start
 def test_entrypoint_resumes_an_interrupted_starter(tmp_path: Path, entrypoint_env: dict[str, str]) -> None:
     """The next start continues the stopped first run from its `last/` checkpoint, then serves it."""
     partial = Path(entrypoint_env["POCKETGPT_CHECKPOINT_DIR"]) / ".starter.partial"

@@ -245,6 +245,7 @@ def test_engine_with_static_decode_and_batched_prefill_matches_the_plain_engine(
         fast.stop()
 
 
+@pytest.mark.slow  # compiles two decode graphs with torch.compile: ~70 s of the 2-core CI budget
 def test_compiled_decode_step_serves_the_plain_engines_tokens(tmp_path) -> None:
     """`--compile`: the static step compiled by torch.compile (C++ on CPU), batch 1 and batched, warmed up at
     load; greedy outputs equal the uncompiled engine's, alone and batched, and it did not fall back to eager."""

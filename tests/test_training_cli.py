@@ -255,6 +255,7 @@ def rank_env(rank: int, port: int) -> dict[str, str]:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
+@pytest.mark.slow  # waits out a rendezvous timeout (~11 s); the hanging-peer test covers the same deadline
 def test_a_process_whose_peer_never_starts_fails_after_the_timeout(corpus: Path, tmp_path: Path) -> None:
     """Rank 0 of 2 started alone: it gives up joining after --dist-timeout, saying why, instead of waiting."""
     from tests.serverproc import free_port
