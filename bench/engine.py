@@ -185,15 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is not None:
         from pocketgpt.model.checkpoint import load_checkpoint
 
-        checkpoint, loaded = args.checkpoint, load_checkpoint(args.checkpoint)
-        tokenizer, cfg = loaded.tokenizer, loaded.model.config
-        del loaded
+        checkpoint = args.checkpoint
+        loaded = load_checkpoint(checkpoint)  # for its tokenizer and config; each engine loads its own copy
+        tokenizer, cfg = loaded.tokenizer, loaded.config
     else:
         tokenizer = cached_bench_tokenizer(args.work)
         cfg = headline_config(block_size=2048, vocab_size=max(8192, tokenizer.vocab_size))
         checkpoint = make_checkpoint(args.work / "engine-random-2048", cfg, tokenizer)
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "model": cfg.to_dict(),
-                               "weights": args.note or str(args.checkpoint) if args.checkpoint else "random weights",
+                               "weights": (args.note or str(args.checkpoint)) if args.checkpoint else "random weights",
                                "machine": machine_info(args.threads, "cpu"), "rounds": args.rounds, "sections": {}}
     previous = json.loads(args.json.read_text()) if args.json.is_file() else None
     if previous is not None:  # keep the other sections' last results (and the run facts that describe them)
